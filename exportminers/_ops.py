@@ -1,0 +1,145 @@
+"""Small tensor primitives shared by every kernel.
+
+Each primitive has one eager/TorchScript implementation (fast ATen ops) and, where
+that ATen op has no ONNX equivalent or would make the exported graph compute shapes,
+an export variant chosen while ``torch.export`` / ``torch.onnx.export`` traces. Both
+variants return identical values; tests check that.
+"""
+from typing import List
+
+import torch
+from torch import Tensor
+
+
+def _python_is_exporting() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_exporting"):
+        if compiler.is_exporting():
+            return True
+    return bool(torch.onnx.is_in_onnx_export()) or bool(torch.jit.is_tracing())
+
+
+def is_exporting() -> bool:
+    """True while a graph exporter traces the code (never inside TorchScript)."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return _python_is_exporting()
+
+
+def index_like(x: Tensor, dim: int) -> Tensor:
+    """``arange(x.size(dim))`` as int64 on ``x``'s device.
+
+    When exporting, the index is built from data (a cumulative sum of ones) instead of
+    ``arange``: ``arange`` with a symbolic length makes the graph compute shapes, and ONNX
+    Runtime places such shape nodes on the CPU (see ../shared/GPU_FACTS.md).
+    """
+    if is_exporting():
+        ones = torch.ones_like(x.select(1 - dim, 0) if x.dim() == 2 else x, dtype=torch.int64)
+        return torch.cumsum(ones, 0) - 1
+    return torch.arange(x.size(dim), device=x.device)
+
+
+def diagonal_mask(n_rows_like: Tensor, n_cols_like: Tensor) -> Tensor:
+    """Boolean N x M mask, True where row index == column index.
+
+    Args:
+        n_rows_like: any tensor whose first dimension is N.
+        n_cols_like: any tensor whose first dimension is M.
+    """
+    rows = index_like(n_rows_like, 0)
+    cols = index_like(n_cols_like, 0)
+    return rows.unsqueeze(1) == cols.unsqueeze(0)
+
+
+def searchsorted_rows(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
+    """Row-wise ``torch.searchsorted``.
+
+    Args:
+        sorted_rows: Tensor[R, L], each row non-decreasing.
+        values: Tensor[R, K].
+        right: as in ``torch.searchsorted``.
+
+    Returns:
+        Tensor[R, K] int64: for each value, the number of row entries ``< value``
+        (``right=False``) or ``<= value`` (``right=True``).
+    """
+    if not is_exporting():
+        return torch.searchsorted(sorted_rows.contiguous(), values.contiguous(), right=right)
+    return _merge_searchsorted(sorted_rows, values, right)
+
+
+def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
+    # Merge each row's sorted entries with its values in one stable sort (the ONNX
+    # TopK/Sort kernels are stable); a value's position in the merged row minus the
+    # number of values placed before it is the number of row entries placed before it.
+    length = sorted_rows.size(1)
+    if right:
+        merged = torch.cat([sorted_rows, values], dim=1)  # entries first: ties go before values
+    else:
+        merged = torch.cat([values, sorted_rows], dim=1)  # values first: ties go after values
+    order = torch.argsort(merged, dim=1, stable=True)
+    if right:
+        is_value = order >= length
+        value_slot = (order - length).clamp(min=0)
+    else:
+        k = values.size(1)
+        is_value = order < k
+        value_slot = order.clamp(max=k - 1) if k > 0 else order
+    values_before = torch.cumsum(is_value.to(torch.int64), dim=1) - is_value.to(torch.int64)
+    position = index_like(merged.transpose(0, 1), 0).unsqueeze(0).expand_as(order)
+    entries_before = position - values_before
+    out = torch.zeros_like(values, dtype=torch.int64)
+    # scatter each value's count back to its slot; non-value positions write into slot 0
+    # first and are then overwritten by the value that owns slot 0 (scatter order is
+    # not guaranteed, so write them with a neutral source instead)
+    src = torch.where(is_value, entries_before, torch.zeros_like(entries_before))
+    idx = torch.where(is_value, value_slot, torch.zeros_like(value_slot))
+    out = out.scatter_add(1, idx, src)
+    return out
+
+
+def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
+    """Row-wise masked max/min with a validity flag.
+
+    Args:
+        values: Tensor[N, M].
+        mask: Tensor[N, M] bool, candidates.
+        largest: max if True else min.
+
+    Returns:
+        (extreme Tensor[N] (+-inf where no candidate), index Tensor[N] int64,
+        valid Tensor[N] bool)
+    """
+    fill = float("-inf") if largest else float("inf")
+    filled = values.masked_fill(~mask, fill)
+    if largest:
+        ext, idx = torch.max(filled, dim=1)
+    else:
+        ext, idx = torch.min(filled, dim=1)
+    return ext, idx, mask.any(dim=1)
+
+
+def rank_select(values: Tensor, valid: Tensor, k: Tensor, largest: bool) -> Tensor:
+    """Mask of the ``k`` best valid entries of a flat tensor (stable on ties).
+
+    Args:
+        values: Tensor[L].
+        valid: Tensor[L] bool.
+        k: 0-dim int64 tensor, at most ``valid.sum()``.
+        largest: pick the largest values if True, else the smallest.
+
+    Returns:
+        Tensor[L] bool with exactly ``k`` True entries, all valid.
+    """
+    fill = float("-inf") if largest else float("inf")
+    key = values.masked_fill(~valid, fill)
+    order = torch.argsort(key, descending=largest, stable=True)
+    ranks = torch.zeros_like(order).scatter(0, order, index_like(order, 0))
+    return (ranks < k) & valid
+
+
+def split_rows(total: int, row_cost: int, budget: int) -> List[int]:
+    """Start offsets of row chunks so that rows * row_cost stays within ``budget``."""
+    per = max(1, budget // max(1, row_cost))
+    return list(range(0, total, per))

@@ -1,0 +1,82 @@
+"""Distance base class: PML's constructor arguments and semantics, scriptable."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..utils.checks import check_number
+
+
+class BaseDistance(torch.nn.Module):
+    """Pairwise distance (or similarity) matrix between two sets of embeddings.
+
+    Args:
+        normalize_embeddings: L_p-normalise both inputs (with ``p``) before comparing.
+        p: the norm's order.
+        power: the matrix is raised to this power.
+        is_inverted: True for similarities (larger means closer).
+
+    ``distance(query, ref=None)`` returns Tensor[N, M] (``M = N`` when ``ref`` is None).
+    """
+
+    normalize_embeddings: bool
+    p: float
+    power: float
+    is_inverted: bool
+
+    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1,
+                 is_inverted: bool = False, collect_stats: bool = False):
+        super().__init__()
+        if not isinstance(normalize_embeddings, bool):
+            raise ValueError(f"normalize_embeddings must be a bool, got {normalize_embeddings!r}")
+        self.normalize_embeddings = normalize_embeddings
+        self.p = check_number(p, "p", low=0.0)
+        self.power = check_number(power, "power")
+        self.is_inverted = bool(is_inverted)
+        self.collect_stats = bool(collect_stats)
+
+    def forward(self, query_emb: Tensor, ref_emb: Optional[Tensor] = None) -> Tensor:
+        if query_emb.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):
+            raise ValueError(
+                "embeddings must be a 2D tensor of shape (batch_size, embedding_size)"
+            )
+        q = self.maybe_normalize(query_emb)
+        if ref_emb is None:
+            mat = self.compute_mat(q, q, True)
+        else:
+            mat = self.compute_mat(q, self.maybe_normalize(ref_emb), False)
+        if self.power != 1:
+            mat = mat ** self.power
+        return mat
+
+    def compute_mat(self, query_emb: Tensor, ref_emb: Tensor, is_self: bool) -> Tensor:
+        raise NotImplementedError
+
+    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def smallest_dist(self, x: Tensor, dim: int):
+        return torch.max(x, dim=dim) if self.is_inverted else torch.min(x, dim=dim)
+
+    def largest_dist(self, x: Tensor, dim: int):
+        return torch.min(x, dim=dim) if self.is_inverted else torch.max(x, dim=dim)
+
+    def margin(self, x: Tensor, y: Tensor) -> Tensor:
+        """How far ``x`` is beyond ``y`` in the "farther" direction."""
+        return y - x if self.is_inverted else x - y
+
+    def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+        return F.normalize(embeddings, p=self.p, dim=dim)
+
+    def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+        if self.normalize_embeddings:
+            return self.normalize(embeddings, dim=dim)
+        return embeddings
+
+    def get_norm(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+        return torch.linalg.vector_norm(embeddings, ord=self.p, dim=dim)
+
+    def extra_repr(self) -> str:
+        return (f"normalize_embeddings={self.normalize_embeddings}, p={self.p:g}, "
+                f"power={self.power:g}, is_inverted={self.is_inverted}")

@@ -1,0 +1,236 @@
+"""Miner base classes.
+
+``BaseMiner`` is PML's extension point: subclass it, implement
+``mine(embeddings, labels, ref_emb, ref_labels)`` and return a tuple of index tensors.
+It runs eagerly, exactly like PML's.
+
+The built-in miners derive from the kernel bases below instead. Each supplies
+
+* ``kernel(embeddings, labels, ref_emb, ref_labels, noise) -> List[Tensor]``: the
+  fixed-shape mining step (no ``nonzero``, boolean indexing, ``.item()`` or
+  data-dependent control flow); ``ref_emb``/``ref_labels`` are None for self-mining;
+* ``layout``: how :func:`exportminers.decode.decode` reads the kernel outputs;
+* ``noise_shape(n, m)``: the uniform noise a random miner consumes (empty otherwise).
+
+``forward`` validates, runs the kernel and decodes; it is scriptable. The same kernel is
+what :func:`exportminers.export_onnx` exports and the same layout is what
+:class:`exportminers.OnnxMiner` decodes.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..decode import decode
+from ..distances import BaseDistance, DotProductSimilarity, LpDistance
+from ..utils.checks import check_inputs
+
+
+def resolve_distance(distance, default: BaseDistance, normalize_embeddings: Optional[bool],
+                     use_similarity: bool, squared_distances: bool) -> BaseDistance:
+    """Turn PML 2.x ``distance=`` or the older arguments into one distance object.
+
+    Older API: ``use_similarity`` -> dot product of (optionally normalised) embeddings;
+    ``squared_distances`` -> squared L2; ``normalize_embeddings`` applies to either.
+    """
+    legacy = normalize_embeddings is not None or use_similarity or squared_distances
+    if distance is not None:
+        if legacy:
+            raise ValueError(
+                "pass either distance= or the older normalize_embeddings / use_similarity / "
+                "squared_distances arguments, not both"
+            )
+        if not isinstance(distance, BaseDistance):
+            raise ValueError(
+                f"distance must be an exportminers.distances.BaseDistance, got "
+                f"{type(distance).__name__}"
+            )
+        return distance
+    if use_similarity and squared_distances:
+        raise ValueError("use_similarity and squared_distances cannot both be True")
+    norm = True if normalize_embeddings is None else bool(normalize_embeddings)
+    if use_similarity:
+        return DotProductSimilarity(normalize_embeddings=norm)
+    if squared_distances:
+        return LpDistance(normalize_embeddings=norm, p=2, power=2)
+    if normalize_embeddings is None:
+        return default
+    if default.is_inverted:
+        return DotProductSimilarity(normalize_embeddings=norm, p=default.p, power=default.power)
+    return type(default)(normalize_embeddings=norm, p=default.p, power=default.power)
+
+
+class BaseMiner(torch.nn.Module):
+    """Base of every miner.
+
+    Args:
+        distance: a :mod:`exportminers.distances` object (default: L2 on normalised
+            embeddings, or the miner's own default).
+        normalize_embeddings, use_similarity, squared_distances: the older API's way to
+            choose the distance (see :func:`resolve_distance`).
+        collect_stats: accepted for PML compatibility; only the counts are recorded.
+        check_finite: reject NaN/inf embeddings with a ValueError (one pass over the
+            input; turn off to skip it).
+    """
+
+    num_pos_pairs: int
+    num_neg_pairs: int
+    num_triplets: int
+    check_finite: bool
+
+    def __init__(self, distance: Optional[BaseDistance] = None,
+                 normalize_embeddings: Optional[bool] = None, use_similarity: bool = False,
+                 squared_distances: bool = False, collect_stats: bool = False,
+                 check_finite: bool = True):
+        super().__init__()
+        self.distance = resolve_distance(distance, self.get_default_distance(),
+                                         normalize_embeddings, use_similarity,
+                                         squared_distances)
+        self.collect_stats = bool(collect_stats)
+        self.check_finite = bool(check_finite)
+        self.num_pos_pairs = 0
+        self.num_neg_pairs = 0
+        self.num_triplets = 0
+
+    def get_default_distance(self) -> BaseDistance:
+        return LpDistance(p=2)
+
+    def reset_stats(self) -> None:
+        self.num_pos_pairs = 0
+        self.num_neg_pairs = 0
+        self.num_triplets = 0
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        raise NotImplementedError
+
+    def output_assertion(self, output) -> None:
+        if len(output) == 3:
+            self.num_triplets = len(output[0])
+            if not self.num_triplets == len(output[1]) == len(output[2]):
+                raise ValueError("mine() returned triplet index tensors of different lengths")
+        elif len(output) == 4:
+            self.num_pos_pairs = len(output[0])
+            self.num_neg_pairs = len(output[2])
+            if self.num_pos_pairs != len(output[1]) or self.num_neg_pairs != len(output[3]):
+                raise ValueError("mine() returned pair index tensors of different lengths")
+        else:
+            raise ValueError(
+                f"mine() must return 3 (a, p, n) or 4 (a1, p, a2, n) tensors, got {len(output)}"
+            )
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """Eager path for custom miners: validate, then ``mine`` with ref set to the batch."""
+        self.reset_stats()
+        embeddings, labels, ref_emb, ref_labels = check_inputs(
+            embeddings, labels, ref_emb, ref_labels, self.check_finite)
+        if ref_emb is None:
+            ref_emb, ref_labels = embeddings, labels
+        with torch.no_grad():
+            output = self.mine(embeddings, labels, ref_emb, ref_labels)
+        self.output_assertion(output)
+        return output
+
+
+class BasePostGradientMiner(BaseMiner):
+    """Older API name: a miner returning pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``."""
+
+
+class BasePreGradientMiner(BaseMiner):
+    """Older API: a miner returning ``output_batch_size`` indices of the batch."""
+
+    output_batch_size: int
+
+    def __init__(self, output_batch_size: int, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(output_batch_size, bool) or not isinstance(output_batch_size, int) \
+                or output_batch_size < 1:
+            raise ValueError(
+                f"output_batch_size must be a positive integer, got {output_batch_size!r}")
+        self.output_batch_size = output_batch_size
+
+    def output_assertion(self, output) -> None:
+        if len(output) != self.output_batch_size:
+            raise ValueError(
+                f"mine() returned {len(output)} indices, expected output_batch_size="
+                f"{self.output_batch_size}")
+
+
+def _empty_long(like: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.int64, device=like.device)
+
+
+class KernelMinerMixin:
+    """Pieces shared by the built-in (kernel + layout) miners."""
+
+    def noise_shape(self, n: int, m: int) -> List[int]:
+        """Shape of the uniform [0, 1) noise the kernel consumes ([] for none)."""
+        return []
+
+    def make_noise(self, embeddings: Tensor, n: int, m: int) -> Optional[Tensor]:
+        shape = self.noise_shape(n, m)
+        if len(shape) == 0:
+            return None
+        return torch.rand(shape, device=embeddings.device, dtype=torch.float64)
+
+
+class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
+    """Base of the built-in miners returning ``(a, p, n)``."""
+
+    layout: List[List[int]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        raise NotImplementedError
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        n = embeddings.size(0)
+        m = n if ref_emb is None else ref_emb.size(0)
+        if n == 0 or m == 0:
+            e = _empty_long(embeddings)
+            return [e, e.clone(), e.clone()]
+        noise = self.make_noise(embeddings, n, m)
+        return decode(self.kernel(embeddings, labels, ref_emb, ref_labels, noise), self.layout)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Mine ``(a, p, n)``: anchors index ``embeddings``, p/n index ``ref_emb`` (or the batch)."""
+        self.reset_stats()
+        embeddings, labels, ref_emb, ref_labels = check_inputs(
+            embeddings, labels, ref_emb, ref_labels, self.check_finite)
+        with torch.no_grad():
+            out = self.mine(embeddings, labels, ref_emb, ref_labels)
+        self.num_triplets = out[0].numel()
+        return out[0], out[1], out[2]
+
+
+class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
+    """Base of the built-in miners returning ``(a1, p, a2, n)``."""
+
+    layout: List[List[int]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        raise NotImplementedError
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        n = embeddings.size(0)
+        m = n if ref_emb is None else ref_emb.size(0)
+        if n == 0 or m == 0:
+            e = _empty_long(embeddings)
+            return [e, e.clone(), e.clone(), e.clone()]
+        noise = self.make_noise(embeddings, n, m)
+        return decode(self.kernel(embeddings, labels, ref_emb, ref_labels, noise), self.layout)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Mine ``(a1, p, a2, n)``: anchors index ``embeddings``, p/n index ``ref_emb``."""
+        self.reset_stats()
+        embeddings, labels, ref_emb, ref_labels = check_inputs(
+            embeddings, labels, ref_emb, ref_labels, self.check_finite)
+        with torch.no_grad():
+            out = self.mine(embeddings, labels, ref_emb, ref_labels)
+        self.num_pos_pairs = out[0].numel()
+        self.num_neg_pairs = out[2].numel()
+        return out[0], out[1], out[2], out[3]

@@ -1,0 +1,57 @@
+"""PairMarginMiner: positive pairs beyond pos_margin, negative pairs within neg_margin."""
+from typing import List, Optional, Tuple
+
+from torch import Tensor
+
+from ..utils import loss_and_miner_utils as lmu
+from ..utils.checks import check_number
+from .base_miner import PairKernelMiner
+
+
+def pair_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, pos_margin: float,
+                      neg_margin: float, is_inverted: bool) -> Tuple[Tensor, Tensor]:
+    """Fixed-shape PairMarginMiner kernel.
+
+    Args:
+        mat: Tensor[N, M] distances (similarities if ``is_inverted``).
+        pos, neg: Tensor[N, M] bool pair masks.
+
+    Returns:
+        (Tensor[N, M] bool selected positives, Tensor[N, M] bool selected negatives)
+    """
+    if is_inverted:
+        return pos & (mat < pos_margin), neg & (mat > neg_margin)
+    return pos & (mat > pos_margin), neg & (mat < neg_margin)
+
+
+class PairMarginMiner(PairKernelMiner):
+    """Positive pairs farther than ``pos_margin`` and negative pairs closer than
+    ``neg_margin`` (for similarities: less / more similar).
+
+    Args:
+        pos_margin: threshold for positive pairs.
+        neg_margin: threshold for negative pairs.
+        **kwargs: :class:`BaseMiner` arguments.
+
+    Kernel: :func:`pair_margin_miner`, two Tensor[N, M] bool masks.
+    """
+
+    pos_margin: float
+    neg_margin: float
+
+    def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8, **kwargs):
+        super().__init__(**kwargs)
+        self.pos_margin = check_number(pos_margin, "pos_margin")
+        self.neg_margin = check_number(neg_margin, "neg_margin")
+        self.layout = [[0, -1, -2], [1, -1, -2]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        mat = self.distance(embeddings, ref_emb)
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        p, n = pair_margin_miner(mat, pos, neg, self.pos_margin, self.neg_margin,
+                                 self.distance.is_inverted)
+        return [p, n]
+
+    def extra_repr(self) -> str:
+        return f"pos_margin={self.pos_margin:g}, neg_margin={self.neg_margin:g}"

@@ -1,0 +1,110 @@
+"""Input checks shared by every miner (eager and TorchScript).
+
+Messages name the argument, say what was expected and what arrived. Argument
+(configuration) checks live beside the constructors; these are tensor checks.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+
+def _shape_str(x: Tensor) -> str:
+    return str(list(x.shape))
+
+
+def check_embeddings(x: Tensor, name: str, check_finite: bool) -> None:
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name} must be a 2-D tensor of shape (batch_size, embedding_size), "
+            f"got shape {_shape_str(x)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if check_finite and x.numel() > 0:
+        if not bool(torch.isfinite(x).all()):
+            bad = torch.logical_not(torch.isfinite(x)).any(dim=1)
+            rows: List[int] = torch.nonzero(bad).flatten()[:5].tolist()
+            raise ValueError(
+                f"{name} contains NaN or inf values (first bad rows: {rows})"
+            )
+
+
+def check_labels(labels: Tensor, name: str, n: int, emb_name: str) -> None:
+    if labels.dim() != 1:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of shape (batch_size,), got shape {_shape_str(labels)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.size(0) != n:
+        raise ValueError(
+            f"{name} has {labels.size(0)} entries but {emb_name} has {n} rows; they must match"
+        )
+
+
+def check_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor],
+    ref_labels: Optional[Tensor],
+    check_finite: bool = True,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Validate a miner call and move labels to the embeddings' device.
+
+    Returns:
+        (embeddings, labels as int64, ref_emb, ref_labels as int64 or None)
+    """
+    check_embeddings(embeddings, "embeddings", check_finite)
+    check_labels(labels, "labels", embeddings.size(0), "embeddings")
+    labels = labels.to(device=embeddings.device, dtype=torch.int64)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels was given without ref_emb; pass both or neither")
+        return embeddings, labels, None, None
+    if ref_labels is None:
+        raise ValueError("ref_emb was given without ref_labels; pass both or neither")
+    check_embeddings(ref_emb, "ref_emb", check_finite)
+    if ref_emb.size(1) != embeddings.size(1):
+        raise ValueError(
+            f"ref_emb has embedding size {ref_emb.size(1)} but embeddings has "
+            f"{embeddings.size(1)}; they must match"
+        )
+    if ref_emb.device != embeddings.device:
+        raise ValueError(
+            f"ref_emb is on {ref_emb.device} but embeddings is on {embeddings.device}"
+        )
+    if ref_emb.dtype != embeddings.dtype:
+        raise ValueError(
+            f"ref_emb has dtype {ref_emb.dtype} but embeddings has {embeddings.dtype}; "
+            f"they must match"
+        )
+    check_labels(ref_labels, "ref_labels", ref_emb.size(0), "ref_emb")
+    ref_labels = ref_labels.to(device=embeddings.device, dtype=torch.int64)
+    return embeddings, labels, ref_emb, ref_labels
+
+
+def check_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_number(value, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_choice(value: str, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,238 @@
+"""Index helpers with PML's signatures, and their fixed-shape mask equivalents.
+
+The index helpers (``get_all_pairs_indices`` ...) return data-dependent index tensors
+exactly like PML's, so custom miners written against PML run unchanged. As in PML, a
+call with ``ref_labels`` omitted (or the very same tensor object as ``labels``) treats
+the reference set as the batch itself and excludes self-pairs.
+
+The mask helpers (``pair_masks``, ``triplet_mask``) are what the built-in kernels use:
+fixed shapes, scriptable, exportable.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+
+# --------------------------------------------------------------------------- masks
+
+
+def pair_masks(labels: Tensor, ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Positive and negative pair masks.
+
+    Args:
+        labels: Tensor[N] (anchors).
+        ref_labels: Tensor[M], or None for self-mining (then M = N and the diagonal is
+            excluded from the positives).
+
+    Returns:
+        (pos Tensor[N, M] bool, neg Tensor[N, M] bool)
+    """
+    if ref_labels is None:
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        pos = same & ~_ops.diagonal_mask(labels, labels)
+    else:
+        same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        pos = same
+    return pos, ~same
+
+
+def triplet_mask(pos: Tensor, neg: Tensor) -> Tensor:
+    """All valid triplets: Tensor[N, M] x Tensor[N, M] -> Tensor[N, M(p), M(n)] bool."""
+    return pos.unsqueeze(2) & neg.unsqueeze(1)
+
+
+# ------------------------------------------------------------- PML index helpers
+
+
+def get_matches_and_diffs(labels: Tensor, ref_labels: Optional[Tensor] = None):
+    """uint8 match / non-match matrices (PML's layout); self-pairs are not matches."""
+    is_self = ref_labels is None or ref_labels is labels
+    if ref_labels is None:
+        ref_labels = labels
+    matches = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).byte()
+    diffs = matches ^ 1
+    if is_self:
+        matches.fill_diagonal_(0)
+    return matches, diffs
+
+
+def get_all_pairs_indices(labels: Tensor, ref_labels: Optional[Tensor] = None):
+    """(a1, p, a2, n): every positive pair and every negative pair, row-major."""
+    matches, diffs = get_matches_and_diffs(labels, ref_labels)
+    a1, p = torch.where(matches)
+    a2, n = torch.where(diffs)
+    return a1, p, a2, n
+
+
+def get_all_triplets_indices(labels: Tensor, ref_labels: Optional[Tensor] = None):
+    """(a, p, n): every valid triplet, row-major; works past torch.nonzero's int32 limit."""
+    matches, diffs = get_matches_and_diffs(labels, ref_labels)
+    pieces_a: List[Tensor] = []
+    pieces_p: List[Tensor] = []
+    pieces_n: List[Tensor] = []
+    n_rows, m = matches.shape
+    per = max(1, (1 << 30) // max(1, m * m))
+    for s in range(0, n_rows, per):
+        block = matches[s:s + per].bool().unsqueeze(2) & diffs[s:s + per].bool().unsqueeze(1)
+        a, p, n = torch.where(block)
+        pieces_a.append(a + s)
+        pieces_p.append(p)
+        pieces_n.append(n)
+    if not pieces_a:
+        empty = torch.empty(0, dtype=torch.long, device=labels.device)
+        return empty, empty.clone(), empty.clone()
+    return torch.cat(pieces_a), torch.cat(pieces_p), torch.cat(pieces_n)
+
+
+def convert_to_pairs(indices_tuple, labels: Tensor, ref_labels: Optional[Tensor] = None):
+    """Any indices tuple (None, triplets, pairs) -> (a1, p, a2, n)."""
+    if indices_tuple is None:
+        return get_all_pairs_indices(labels, ref_labels)
+    if len(indices_tuple) == 4:
+        return tuple(indices_tuple)
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        return a, p, a, n
+    raise ValueError(
+        f"indices_tuple must hold 3 (triplets) or 4 (pairs) tensors, got {len(indices_tuple)}"
+    )
+
+
+def pos_pairs_from_tuple(indices_tuple):
+    return indices_tuple[:2]
+
+
+def neg_pairs_from_tuple(indices_tuple):
+    return indices_tuple[2:]
+
+
+def get_anchors(indices_tuple) -> Tensor:
+    if len(indices_tuple) == 3:
+        return indices_tuple[0]
+    return torch.cat([indices_tuple[0], indices_tuple[2]], dim=0)
+
+
+def repeat_to_match_size(smaller_set: Tensor, larger_size: int, smaller_size: int) -> Tensor:
+    reps = math.ceil(float(larger_size) / float(smaller_size))
+    return smaller_set.repeat(reps)[:larger_size]
+
+
+def matched_size_indices(curr_p_idx: Tensor, curr_n_idx: Tensor):
+    n_pos, n_neg = len(curr_p_idx), len(curr_n_idx)
+    if n_pos > n_neg:
+        return curr_p_idx, repeat_to_match_size(curr_n_idx, n_pos, n_neg)
+    return repeat_to_match_size(curr_p_idx, n_neg, n_pos), curr_n_idx
+
+
+def get_random_triplet_indices(labels: Tensor, ref_labels: Optional[Tensor] = None,
+                               t_per_anchor=None, weights: Optional[Tensor] = None):
+    """Random triplets, ``t_per_anchor`` per anchor (default: the class size).
+
+    Positives are uniform among the anchor's other same-label references; negatives are
+    uniform, or drawn with probability proportional to ``weights[anchor, :]`` (rows whose
+    weights over the negatives sum to zero are dropped).
+    """
+    is_self = ref_labels is None or ref_labels is labels
+    ref = labels if ref_labels is None else ref_labels
+    device = labels.device
+    out_a: List[Tensor] = []
+    out_p: List[Tensor] = []
+    out_n: List[Tensor] = []
+    for label in torch.unique(labels):
+        p_inds = torch.where(ref == label)[0]
+        a_inds = p_inds if is_self else torch.where(labels == label)[0]
+        n_inds = torch.where(ref != label)[0]
+        n_a, n_p = len(a_inds), len(p_inds)
+        if n_p < (2 if is_self else 1) or len(n_inds) < 1:
+            continue
+        k = n_p if t_per_anchor is None else int(t_per_anchor)
+        anchor_slot = torch.arange(n_a, device=device).repeat_interleave(k)
+        if is_self:
+            # choose among the n_a - 1 others: draw from [0, n_a - 1) and skip the anchor
+            j = torch.randint(0, n_a - 1, (n_a * k,), device=device)
+            j = j + (j >= anchor_slot).long()
+        else:
+            j = torch.randint(0, n_p, (n_a * k,), device=device)
+        a = a_inds[anchor_slot]
+        p = p_inds[j]
+        if weights is not None:
+            w = weights[a][:, n_inds]
+            if w.dtype in (torch.float16, torch.bfloat16):
+                w = w.float()
+            keep = torch.where(torch.sum(w, dim=1) > 0)[0]
+            if len(keep) == 0:
+                continue
+            a, p, w = a[keep], p[keep], w[keep]
+            n = n_inds[torch.multinomial(w, 1, replacement=True).flatten()]
+        else:
+            n = n_inds[torch.randint(0, len(n_inds), (len(a),), device=device)]
+        out_a.append(a)
+        out_p.append(p)
+        out_n.append(n)
+    if not out_a:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty.clone(), empty.clone()
+    return torch.cat(out_a).long(), torch.cat(out_p).long(), torch.cat(out_n).long()
+
+
+def convert_to_triplets(indices_tuple, labels: Tensor, ref_labels: Optional[Tensor] = None,
+                        t_per_anchor=100):
+    """Any indices tuple (None, triplets, pairs) -> (a, p, n).
+
+    Pairs become every (a, p, n) whose positive and negative pairs share the anchor.
+    """
+    if indices_tuple is None:
+        if t_per_anchor == "all":
+            return get_all_triplets_indices(labels, ref_labels)
+        return get_random_triplet_indices(labels, ref_labels, t_per_anchor=t_per_anchor)
+    if len(indices_tuple) == 3:
+        return tuple(indices_tuple)
+    if len(indices_tuple) != 4:
+        raise ValueError(
+            f"indices_tuple must hold 3 (triplets) or 4 (pairs) tensors, got {len(indices_tuple)}"
+        )
+    a1, p, a2, n = indices_tuple
+    pi, ni = torch.where(a1.unsqueeze(1) == a2)
+    return a1[pi], p[pi], n[ni]
+
+
+def convert_to_weights(indices_tuple, labels: Tensor, dtype, using_ref: bool = False) -> Tensor:
+    """Per-sample weights: how often each index appears, divided by the largest count."""
+    weights = torch.zeros(labels.shape[0], device=labels.device, dtype=dtype)
+    if indices_tuple is None or all(len(x) == 0 for x in indices_tuple):
+        return weights + 1
+    idx = get_anchors(indices_tuple) if using_ref else torch.cat(list(indices_tuple), dim=0)
+    idx, counts = torch.unique(idx, return_counts=True)
+    weights[idx] = counts.to(dtype) / torch.max(counts)
+    return weights
+
+
+def logsumexp(x: Tensor, keep_mask: Optional[Tensor] = None, add_one: bool = True, dim: int = 1):
+    """Masked, optionally "+1" log-sum-exp over ``dim`` of a 2-D tensor (keepdim)."""
+    if keep_mask is not None:
+        x = x.masked_fill(~keep_mask, torch.finfo(x.dtype).min)
+    if add_one:
+        zeros = torch.zeros(x.size(dim - 1), dtype=x.dtype, device=x.device).unsqueeze(dim)
+        x = torch.cat([x, zeros], dim=dim)
+    out = torch.logsumexp(x, dim=dim, keepdim=True)
+    if keep_mask is not None:
+        out = out.masked_fill(~torch.any(keep_mask, dim=dim, keepdim=True), 0)
+    return out
+
+
+def meshgrid_from_sizes(x: Tensor, y: Tensor, dim: int = 0):
+    a = torch.arange(x.size(dim), device=x.device)
+    b = torch.arange(y.size(dim), device=y.device)
+    return torch.meshgrid(a, b, indexing="ij")
+
+
+__all__ = [
+    "pair_masks", "triplet_mask",
+    "get_matches_and_diffs", "get_all_pairs_indices", "get_all_triplets_indices",
+    "convert_to_pairs", "convert_to_triplets", "get_random_triplet_indices",
+    "pos_pairs_from_tuple", "neg_pairs_from_tuple", "get_anchors", "repeat_to_match_size",
+    "matched_size_indices", "convert_to_weights", "logsumexp", "meshgrid_from_sizes",
+]
