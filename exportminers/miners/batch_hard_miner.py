@@ -1,0 +1,41 @@
+"""BatchHardMiner: per anchor, the farthest positive and the closest negative."""
+from typing import List, Optional
+
+from torch import Tensor
+
+from ..utils import loss_and_miner_utils as lmu
+from .base_miner import TripletKernelMiner
+from .batch_easy_hard_miner import batch_easy_hard_miner
+
+
+def batch_hard_miner(mat: Tensor, pos: Tensor, neg: Tensor, is_inverted: bool) -> List[Tensor]:
+    """Fixed-shape BatchHardMiner kernel.
+
+    Args:
+        mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
+
+    Returns:
+        ``[keep Tensor[N] bool, pos_idx Tensor[N] int64, neg_idx Tensor[N] int64]``.
+    """
+    keep, pos_idx, _, neg_idx = batch_easy_hard_miner(mat, pos, neg, 0, 0,
+                                                      is_inverted, None, None)
+    return [keep, pos_idx, neg_idx]
+
+
+class BatchHardMiner(TripletKernelMiner):
+    """In Defense of the Triplet Loss (Hermans et al.): one triplet per anchor, with its
+    hardest positive and hardest negative. Anchors lacking either are dropped.
+
+    Kernel: :func:`batch_hard_miner`. Accepts :class:`BaseMiner` arguments, including the
+    older ``use_similarity`` and ``squared_distances``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.layout = [[0, -1, 1, 2]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        mat = self.distance(embeddings, ref_emb)
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        return batch_hard_miner(mat, pos, neg, self.distance.is_inverted)
