@@ -1,0 +1,114 @@
+"""AngularMiner: triplets whose angle at the negative exceeds a threshold."""
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from ..distances import BaseDistance, LpDistance
+from ..utils import loss_and_miner_utils as lmu
+from ..utils.checks import check_number
+from .base_miner import TripletKernelMiner
+
+
+def require_normalized_l2(miner_name: str, distance: BaseDistance) -> None:
+    """AngularMiner and DistanceWeightedMiner are defined for L2 on the unit sphere."""
+    if not (isinstance(distance, LpDistance) and distance.p == 2 and distance.power == 1
+            and distance.normalize_embeddings):
+        raise ValueError(
+            f"{miner_name} requires distance=LpDistance(p=2, power=1, normalize_embeddings=True), "
+            f"got {distance!r}")
+
+
+def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float) -> Tensor:
+    """Fixed-shape AngularMiner kernel.
+
+    For each triplet (a, p, n) with c = (a + p) / 2, the angle is
+    ``atan(|a - p| / (2 |n - c|))`` (norms as ``torch.nn.functional.pairwise_distance``,
+    eps included, on the embeddings as given, like PML). Norms of all N x M x M triplets
+    are expanded into dot products (Gram matrices, float64), so no per-triplet
+    embedding copies are made; the final ratio and arctangent are taken in the input
+    dtype, as PML does.
+
+    Args:
+        anchors: Tensor[N, D]; refs: Tensor[M, D] (positives and negatives).
+        pos, neg: Tensor[N, M] bool pair masks.
+        angle: threshold in radians.
+
+    Returns:
+        Tensor[N, M(positive), M(negative)] bool.
+    """
+    eps = 1e-6
+    dtype = anchors.dtype
+    a = anchors.to(torch.float64)
+    r = refs.to(torch.float64)
+    d = float(a.size(1))
+    a_sq = (a * a).sum(1)
+    r_sq = (r * r).sum(1)
+    a_sum = a.sum(1)
+    r_sum = r.sum(1)
+    g = a @ r.transpose(0, 1)            # [N, M] a_i . r_j
+    h = r @ r.transpose(0, 1)            # [M, M] r_j . r_k
+    # |a - p + eps|^2
+    ap_sq = a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + d * eps * eps - 2.0 * g \
+        + 2.0 * eps * (a_sum.unsqueeze(1) - r_sum.unsqueeze(0))
+    ap = ap_sq.clamp(min=0.0).sqrt().to(dtype)                       # [N, M]
+    c_sq = (a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + 2.0 * g) / 4.0      # |c_ij|^2
+    ne_sq = r_sq + 2.0 * eps * r_sum + d * eps * eps                   # |r_k + eps|^2
+    # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
+    n_rows, m = g.size(0), g.size(1)
+    out_blocks: List[Tensor] = []
+    if _ops.is_exporting():
+        starts = [0]
+        per = n_rows
+    else:
+        per = max(1, max(n_rows * m, 4194304) // max(1, m * m))
+        starts = list(range(0, n_rows, per))
+    for s in starts:
+        e = min(n_rows, s + per)
+        if _ops.is_exporting():
+            gb, cb, apb, sb = g, c_sq, ap, a_sum
+        else:
+            gb, cb, apb, sb = g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e]
+        cross = gb.unsqueeze(1) + h.unsqueeze(0) + eps * (sb.view(-1, 1, 1) + r_sum.view(1, -1, 1))
+        nc_sq = ne_sq.view(1, 1, -1) + cb.unsqueeze(2) - cross
+        nc = nc_sq.clamp(min=0.0).sqrt().to(dtype)                     # [b, M(p), M(n)]
+        angles = torch.atan(apb.unsqueeze(2) / (2 * nc))
+        block = angles > angle
+        if _ops.is_exporting():
+            out_blocks.append(block & lmu.triplet_mask(pos, neg))
+        else:
+            out_blocks.append(block & lmu.triplet_mask(pos[s:e], neg[s:e]))
+    if len(out_blocks) == 1:
+        return out_blocks[0]
+    return torch.cat(out_blocks, dim=0)
+
+
+class AngularMiner(TripletKernelMiner):
+    """Triplets forming an angle greater than ``angle`` degrees, as defined in the
+    angular loss paper (Wang et al., 2017). Requires L2 on normalised embeddings.
+
+    Args:
+        angle: threshold in degrees.
+
+    Kernel: :func:`angular_miner`, one Tensor[N, M, M] bool mask.
+    """
+
+    angle: float
+
+    def __init__(self, angle: float = 20, **kwargs):
+        super().__init__(**kwargs)
+        require_normalized_l2("AngularMiner", self.distance)
+        self.angle_degrees = check_number(angle, "angle")
+        self.angle = math.radians(self.angle_degrees)
+        self.layout = [[0, -1, -2, -3]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        refs = embeddings if ref_emb is None else ref_emb
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        return [angular_miner(embeddings, refs, pos, neg, self.angle)]
+
+    def extra_repr(self) -> str:
+        return f"angle={self.angle_degrees:g}"
