@@ -1,0 +1,95 @@
+"""MaximumLossMiner: of several random subsets of the batch, the one with the highest loss."""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..decode import decode
+from ..utils.checks import check_inputs, check_positive_int
+from .base_miner import BasePreGradientMiner, KernelMinerMixin
+
+
+class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
+    """A pre-gradient miner (older PML API): draws ``num_trials`` random subsets of
+    ``output_batch_size`` batch indices (with replacement), computes
+    ``loss_function(subset_embeddings, subset_labels, mining_function(...) or None)``
+    for each and returns the indices of the subset with the largest loss.
+
+    Args:
+        loss_function: any callable loss in eager mode; a scriptable module (e.g.
+            :class:`exportminers.losses.TripletMarginLoss`) for TorchScript/ONNX.
+        mining_function: optional post-gradient miner applied to each subset.
+        num_trials: number of subsets tried.
+        output_batch_size: subset size.
+        normalize_embeddings: L2-normalise embeddings first (the older API's default).
+
+    Kernel: subsets come from uniform noise ``[num_trials, output_batch_size]``;
+    outputs ``[valid Tensor[B] bool, indices Tensor[B]]``.
+    """
+
+    num_trials: int
+    normalize: bool
+
+    def __init__(self, loss_function, mining_function=None, num_trials: int = 5,
+                 output_batch_size: int = 32, normalize_embeddings: Optional[bool] = None,
+                 **kwargs):
+        super().__init__(output_batch_size=output_batch_size, **kwargs)
+        if not callable(loss_function):
+            raise ValueError(f"loss_function must be callable, got {loss_function!r}")
+        if mining_function is not None and not callable(mining_function):
+            raise ValueError(f"mining_function must be callable or None, got {mining_function!r}")
+        self.loss_function = loss_function
+        self.mining_function = mining_function
+        self.num_trials = check_positive_int(num_trials, "num_trials")
+        self.normalize = True if normalize_embeddings is None else bool(normalize_embeddings)
+        self.layout = [[0, 1]]
+
+    def noise_shape(self, n: int, m: int) -> List[int]:
+        return [self.num_trials, self.output_batch_size]
+
+    def _subset_loss(self, emb: Tensor, labels: Tensor) -> Tensor:
+        if self.mining_function is None:
+            return self.loss_function(emb, labels, None)
+        mined = self.mining_function(emb, labels)
+        indices: List[Tensor] = []
+        for t in mined:
+            indices.append(t)
+        return self.loss_function(emb, labels, indices)
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        if noise is None:
+            raise ValueError("MaximumLossMiner.kernel needs noise of shape [num_trials, output_batch_size]")
+        n = embeddings.size(0)
+        emb = F.normalize(embeddings, p=2.0, dim=1) if self.normalize else embeddings
+        subsets = torch.floor(noise * float(n)).to(torch.int64).clamp(max=n - 1)
+        losses: List[Tensor] = []
+        for i in range(self.num_trials):
+            idx = subsets[i]
+            losses.append(torch.as_tensor(self._subset_loss(emb[idx], labels[idx])).reshape(()))
+        best = torch.argmax(torch.stack(losses).to(torch.float64))
+        chosen = subsets[best]
+        return [torch.ones_like(chosen, dtype=torch.bool), chosen]
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        if embeddings.size(0) == 0:
+            return [torch.empty(0, dtype=torch.int64, device=embeddings.device)]
+        noise = torch.rand(self.noise_shape(embeddings.size(0), embeddings.size(0)),
+                           device=embeddings.device, dtype=torch.float64)
+        return decode(self.kernel(embeddings, labels, None, None, noise), self.layout)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        """Indices (Tensor[output_batch_size] int64) of the highest-loss subset."""
+        self.reset_stats()
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("MaximumLossMiner does not take ref_emb / ref_labels")
+        embeddings, labels, _r, _rl = check_inputs(embeddings, labels, None, None, self.check_finite)
+        with torch.no_grad():
+            out = self.mine(embeddings, labels, None, None)
+        return out[0]
+
+    def extra_repr(self) -> str:
+        return f"num_trials={self.num_trials}, output_batch_size={self.output_batch_size}"
