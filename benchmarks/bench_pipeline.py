@@ -1,0 +1,190 @@
+"""Benchmark the offline mining pipeline's block engine against a hand-written torch baseline.
+
+Default (the H100 setting): Q = 65,536 queries vs M = 1,048,576 bank rows, d = 128,
+k = 10 hardest negatives + the hardest positive per query, float16 on ONNX Runtime's CUDA
+EP (inputs resident on the GPU via IOBinding; per-block top-k lists merged on the host),
+beside a PyTorch float16 chunked matmul + masked topk doing the same work on the same
+blocks. Prints seconds, queries/s, effective TFLOP/s (2*Q*M*d / t) and peak GPU memory,
+and checks that both found the same negatives.
+
+    python benchmarks/bench_pipeline.py            # GPU, full size
+    python benchmarks/bench_pipeline.py --quick    # tiny, CPU, seconds
+
+File IO (Parquet shards) is not timed here; ``mine()`` adds it on top.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exportminers.pipeline.config import MineConfig  # noqa: E402
+from exportminers.pipeline.engine import (BlockRunner, check_block_sizes, prepare_block,  # noqa: E402
+                                          resolve_device, run_pass)
+from exportminers.pipeline.graphs import GraphSpec  # noqa: E402
+from exportminers.pipeline.sources import RowBlock  # noqa: E402
+
+
+def make_data(n, d, n_classes, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(dtype), rng.integers(0, n_classes, n).astype(np.int64)
+
+
+def gpu_memory_mib():
+    """Memory this process holds on the GPU (nvidia-smi), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()):
+            return float(parts[1])
+    return None
+
+
+def run_ort(q, ql, m, ml, k, bq, bm, device, dtype):
+    """Engine path: every bank block once, all query blocks against it, host merge."""
+    cfg = MineConfig(k=k, metric="dot", num_positives=1)
+    spec = GraphSpec("both", "dot", band=False, easy=False, dtype=dtype)
+    runner = BlockRunner(spec, device)
+    npd = np.dtype(dtype)
+    Q, M = len(q), len(m)
+
+    def block(x, lab, s, e, side, size):
+        n = e - s
+        rb = RowBlock(x[s:e].astype(np.float32), lab[s:e], np.ones(n, bool),
+                      np.arange(s, e, dtype=np.int64) + (0 if side == "m" else 1 << 40))
+        return prepare_block(runner, side, rb, np.ones(n, bool), s, size, "dot", npd, True)
+
+    t0 = time.perf_counter()
+    qblocks = [block(q, ql, s, min(Q, s + bq), "q", bq) for s in range(0, Q, bq)]
+    mblocks = [block(m, ml, s, min(M, s + bm), "m", bm) for s in range(0, M, bm)]
+    t_upload = time.perf_counter() - t0
+    # warm-up: one block pair (session init, kernel selection)
+    run_pass(runner, qblocks[:1], mblocks[:1], qblocks[0].rows, k, 1, npd)
+    t0 = time.perf_counter()
+    res = run_pass(runner, qblocks, mblocks, Q, cfg.num_candidates, 1, npd)
+    t = time.perf_counter() - t0
+    return t, t_upload, res.neg.i, res.hpos.i, gpu_memory_mib() if device == "cuda" else None
+
+
+def run_torch(q, ql, m, ml, k, bq, bm, device, dtype):
+    import torch
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    tdt = torch.float16 if dtype == "float16" else torch.float32
+    Q, M = len(q), len(m)
+    qt = torch.from_numpy(q.astype(np.float32)).to(dev, tdt)
+    mt = torch.from_numpy(m.astype(np.float32)).to(dev, tdt)
+    qlt = torch.from_numpy(ql).to(dev)
+    mlt = torch.from_numpy(ml).to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def once(nq=Q):
+        best_c = torch.full((nq, k), float("-inf"), device=dev, dtype=tdt)
+        best_i = torch.zeros((nq, k), device=dev, dtype=torch.long)
+        pos_c = torch.full((nq, 1), float("inf"), device=dev, dtype=tdt)
+        pos_i = torch.zeros((nq, 1), device=dev, dtype=torch.long)
+        for ms in range(0, M, bm):
+            mb, mlb = mt[ms:ms + bm], mlt[ms:ms + bm]
+            for qs in range(0, nq, bq):
+                qe = min(nq, qs + bq)
+                s = qt[qs:qe] @ mb.T
+                same = qlt[qs:qe, None] == mlb[None, :]
+                pos = s.masked_fill(~same, float("inf"))
+                pc, pi = pos.min(dim=1, keepdim=True)
+                s.masked_fill_(same, float("-inf"))
+                c, i = torch.topk(s, k, dim=1)
+                c2 = torch.cat([best_c[qs:qe], c], 1)
+                i2 = torch.cat([best_i[qs:qe], i + ms], 1)
+                c3, o = torch.topk(c2, k, dim=1)
+                best_c[qs:qe], best_i[qs:qe] = c3, torch.gather(i2, 1, o)
+                better = pc < pos_c[qs:qe]
+                pos_c[qs:qe] = torch.where(better, pc, pos_c[qs:qe])
+                pos_i[qs:qe] = torch.where(better, pi + ms, pos_i[qs:qe])
+        return best_i, pos_i
+
+    with torch.no_grad():
+        once(min(Q, bq))  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        ni, pi = once()
+        sync()
+        t = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else None
+    return t, ni.cpu().numpy(), pi.cpu().numpy(), peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes on CPU (a smoke test)")
+    p.add_argument("--queries", type=int, default=65536)
+    p.add_argument("--bank", type=int, default=1048576)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--classes", type=int, default=None, help="label classes (default: bank / 10)")
+    p.add_argument("--block-size", default="4096x262144", help="QxM block (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None)
+    p.add_argument("--skip-torch", action="store_true", help="ONNX Runtime only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.queries, args.bank, args.dim = 512, 8192, 32
+        args.block_size = "128x2048"
+        if args.device == "auto":
+            args.device = "cpu"
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    bq, bm = (int(v) for v in args.block_size.lower().split("x"))
+    check_block_sizes(bq, bm)
+    Q, M, d, k = args.queries, args.bank, args.dim, args.k
+    classes = args.classes or max(2, M // 10)
+    print(f"Q={Q:,} queries x M={M:,} bank, d={d}, k={k} hardest negatives + hardest positive, "
+          f"{dtype} on {device}, blocks {bq}x{bm}")
+    q, ql = make_data(Q, d, classes, 1, np.float16 if dtype == "float16" else np.float32)
+    m, ml = make_data(M, d, classes, 2, np.float16 if dtype == "float16" else np.float32)
+    flops = 2.0 * Q * M * d
+
+    def report(name, t, mem):
+        mem_s = f"{mem:,.0f} MiB" if mem is not None else "n/a"
+        print(f"{name:28s} {t:8.3f} s  {Q / t:12,.0f} queries/s  {flops / t / 1e12:8.2f} TFLOP/s  "
+              f"peak GPU memory {mem_s}")
+
+    t, t_up, ort_neg, ort_pos, mem = run_ort(q, ql, m, ml, k, bq, bm, device, dtype)
+    report("onnxruntime block engine", t, mem)
+    print(f"{'':28s} (+{t_up:.3f} s preparing and uploading blocks, not timed above)")
+    if not args.skip_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch not installed: baseline skipped")
+            return 0
+        tt, t_neg, t_pos, tmem = run_torch(q, ql, m, ml, k, bq, bm, device, dtype)
+        report("torch chunked matmul+topk", tt, tmem)
+        same_neg = np.mean([len(set(a) & set(b)) / k for a, b in zip(ort_neg, t_neg)])
+        same_pos = np.mean(ort_pos[:, 0] == t_pos[:, 0])
+        print(f"agreement: {100 * same_neg:.2f}% of negatives, {100 * same_pos:.2f}% of hardest "
+              "positives (float16 ties may differ)")
+        print(f"speed ratio torch / onnxruntime: {tt / t:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Block engine: stream query and bank blocks through the block graph on ONNX Runtime
+and keep running per-query top-k lists on the host (numpy).
+
+Memory is O(block_q x block_m) on the device and O(shard x k) on the host. Every
+intermediate of the block graph has ``block_q * block_m`` elements, which must stay
+below 2**31 (ONNX Runtime's CUDA kernels fail past that).
+
+Ties are broken by the lower bank row: ONNX TopK keeps the lower index among equal
+values, and the host merge sorts by (closeness, bank row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from .config import F32, MineConfig, band_to_dtype
+from .graphs import GraphSpec, graph_path
+from .sources import SENTINEL, RowBlock
+
+MAX_ELEMENTS = 2 ** 31 - 1
+IDX_MAX = np.iinfo(np.int64).max
+DEFAULT_BLOCKS = {"cuda": (4096, 262144), "cpu": (1024, 8192)}
+
+
+# --------------------------------------------------------------------------- devices
+
+def resolve_device(device: str) -> str:
+    import onnxruntime as ort
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if have_cuda else "cpu"
+    if device == "cuda" and not have_cuda:
+        raise ValueError("device='cuda' but ONNX Runtime has no CUDAExecutionProvider here "
+                         f"(available: {ort.get_available_providers()}); install "
+                         "onnxruntime-gpu or use device='cpu'")
+    return device
+
+
+def check_block_sizes(block_q: int, block_m: int) -> None:
+    for name, v in (("block_q", block_q), ("block_m", block_m)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if block_q * block_m > MAX_ELEMENTS:
+        raise ValueError(
+            f"block sizes {block_q} x {block_m} = {block_q * block_m:,} elements per score "
+            f"block; every intermediate must stay below 2**31 = {2 ** 31:,} elements "
+            "(ONNX Runtime's CUDA kernels fail beyond that). Use a smaller block size, "
+            f"e.g. {block_q} x {MAX_ELEMENTS // block_q // 1024 * 1024}.")
+
+
+class BlockRunner:
+    """One ONNX Runtime session for one block graph, fed through IOBinding.
+
+    Inputs live on the device as OrtValues (``put``); outputs come back to the host.
+    """
+
+    def __init__(self, spec: GraphSpec, device: str, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        self.spec, self.device = spec, device
+        self.path = graph_path(spec)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        if device == "cuda":
+            # Strict placement: every node on CUDA (the graph has no shape nodes).
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            try:
+                self.sess = ort.InferenceSession(str(self.path), so,
+                                                 providers=["CUDAExecutionProvider"])
+            except Exception as e:  # pragma: no cover - needs a GPU
+                import warnings
+
+                warnings.warn(f"strict CUDA placement refused ({e}); retrying with CPU "
+                              "fallback allowed")
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                self.sess = ort.InferenceSession(
+                    str(self.path), so,
+                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        else:
+            self.sess = ort.InferenceSession(str(self.path), so,
+                                             providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self._ort = ort
+
+    def put(self, arr: np.ndarray):
+        arr = np.ascontiguousarray(arr)
+        if self.device == "cuda":
+            return self._ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+        return self._ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def run(self, feeds: Dict[str, object]) -> Dict[str, np.ndarray]:
+        """Run on OrtValue (or numpy) inputs; the graph's unused feeds are ignored."""
+        b = self.sess.io_binding()
+        keep = []  # numpy-backed OrtValues must outlive the run
+        for name in self.inputs:
+            v = feeds[name]
+            if isinstance(v, np.ndarray):
+                v = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                keep.append(v)
+            b.bind_ortvalue_input(name, v)
+        for name in self.outputs:
+            b.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(b)
+        return dict(zip(self.outputs, b.copy_outputs_to_cpu()))
+
+
+# --------------------------------------------------------------------------- blocks
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows in float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=F32)
+    n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=F32))
+    n[n == 0] = 1
+    return x / n[:, None]
+
+
+def clean_block(blk: RowBlock, valid: np.ndarray, metric: str):
+    """Zero excluded rows, mark them with the sentinel label, normalise for cosine."""
+    emb = blk.emb
+    if not valid.all():
+        emb = emb.copy()
+        emb[~valid] = 0
+    if metric == "cosine":
+        emb = normalize_rows(emb)
+    labels = np.where(valid, blk.labels, SENTINEL)
+    return emb, labels
+
+
+@dataclass
+class DeviceBlock:
+    offset: int
+    rows: int
+    size: int
+    feeds: Dict[str, object]
+    host: Tuple  # numpy arrays kept alive for CPU OrtValues
+
+
+def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarray,
+                  offset: int, size: int, metric: str, dtype, same_id: bool) -> DeviceBlock:
+    """Pad a block to ``size`` rows and put it on the device as graph inputs."""
+    n = len(blk.labels)
+    emb, labels = clean_block(blk, valid, metric)
+    e = np.zeros((size, emb.shape[1]), dtype=dtype)
+    e[:n] = emb
+    lab = np.full(size, SENTINEL, dtype=np.int64)
+    lab[:n] = labels
+    ids = np.full(size, SENTINEL, dtype=np.int64)
+    if same_id:
+        ids[:n] = blk.ids
+    if side == "q":
+        host = (e, lab, ids)
+        feeds = {"q": runner.put(e), "q_label": runner.put(lab), "q_id": runner.put(ids)}
+    else:
+        if not same_id:  # never equal to a query's (sentinel) id
+            ids[:] = SENTINEL + 1
+        bias = np.zeros(size, dtype=dtype)
+        bias[n:] = -np.inf
+        bias[:n][~valid] = -np.inf
+        host = (e, lab, ids, bias)
+        feeds = {"m": runner.put(e), "m_label": runner.put(lab), "m_id": runner.put(ids),
+                 "m_bias": runner.put(bias)}
+    return DeviceBlock(offset, n, size, feeds, host)
+
+
+# --------------------------------------------------------------------------- merging
+
+def merge_topk(c_run, i_run, c_new, i_new, k: int, largest: bool):
+    """Keep the k best of two candidate lists per row: by closeness (descending when
+    ``largest``), then by lower bank row. Empty slots hold -inf (+inf) and IDX_MAX."""
+    c = np.concatenate([c_run, c_new], axis=1)
+    i = np.concatenate([i_run, i_new], axis=1)
+    key = -c if largest else c
+    order = np.lexsort((i, key), axis=1)[:, :k]
+    return np.take_along_axis(c, order, 1), np.take_along_axis(i, order, 1)
+
+
+class TopKState:
+    def __init__(self, rows: int, k: int, largest: bool):
+        self.k, self.largest = k, largest
+        fill = -np.inf if largest else np.inf
+        self.c = np.full((rows, k), fill, dtype=F32)
+        self.i = np.full((rows, k), IDX_MAX, dtype=np.int64)
+
+    def update(self, r0: int, r1: int, c_new, i_new, offset: int):
+        c_new = c_new.astype(F32, copy=False)
+        ok = np.isfinite(c_new)
+        i_new = np.where(ok, i_new + offset, IDX_MAX)
+        c, i = merge_topk(self.c[r0:r1], self.i[r0:r1], c_new, i_new, self.k, self.largest)
+        self.c[r0:r1], self.i[r0:r1] = c, i
+
+
+# --------------------------------------------------------------------------- passes
+
+@dataclass
+class PassResult:
+    neg: Optional[TopKState] = None
+    hpos: Optional[TopKState] = None
+    epos: Optional[TopKState] = None
+
+
+def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[DeviceBlock],
+             shard_rows: int, k_neg: int, k_pos: int, dtype,
+             band: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+             on_bank_block=None) -> PassResult:
+    """One sweep of the bank for the shard's query blocks (bank blocks outer, so each
+    bank block is read and moved to the device once per pass)."""
+    spec = runner.spec
+    res = PassResult()
+    if spec.has_neg:
+        res.neg = TopKState(shard_rows, k_neg, largest=True)
+    if spec.has_pos:
+        res.hpos = TopKState(shard_rows, k_pos, largest=False)
+        if spec.easy:
+            res.epos = TopKState(shard_rows, 1, largest=True)
+    base = qblocks[0].offset if qblocks else 0
+    kin = {"k_neg": np.array([k_neg], dtype=np.int64), "k_pos": np.array([k_pos], dtype=np.int64)}
+    # TopK reads k from host memory on every EP, so k stays a CPU OrtValue.
+    kvals = {name: runner._ort.OrtValue.ortvalue_from_numpy(v) for name, v in kin.items()}
+    band_feeds = []
+    if spec.has_neg and spec.band:
+        lo, hi = band
+        lo, hi = band_to_dtype(lo, hi, dtype)
+        for qb in qblocks:
+            r0 = qb.offset - base
+            size = qb.size
+            blo = np.full(size, np.inf, dtype=dtype)
+            bhi = np.full(size, -np.inf, dtype=dtype)
+            blo[:qb.rows] = lo[r0:r0 + qb.rows]
+            bhi[:qb.rows] = hi[r0:r0 + qb.rows]
+            band_feeds.append(({"neg_lo": runner.put(blo), "neg_hi": runner.put(bhi)}, (blo, bhi)))
+    for mb in bank:
+        for j, qb in enumerate(qblocks):
+            feeds = {**qb.feeds, **mb.feeds, **kvals}
+            if band_feeds:
+                feeds.update(band_feeds[j][0])
+            out = runner.run(feeds)
+            r0 = qb.offset - base
+            r1 = r0 + qb.rows
+            n = qb.rows
+            if res.neg is not None:
+                res.neg.update(r0, r1, out["neg_c"][:n], out["neg_i"][:n], mb.offset)
+            if res.hpos is not None:
+                res.hpos.update(r0, r1, out["hpos_c"][:n], out["hpos_i"][:n], mb.offset)
+            if res.epos is not None:
+                res.epos.update(r0, r1, out["epos_c"][:n], out["epos_i"][:n], mb.offset)
+        if on_bank_block is not None:
+            on_bank_block(mb.rows)
+    return res
+
+
+# --------------------------------------------------------------------------- selection
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _M1
+        z = (z ^ (z >> np.uint64(30))) * _M2
+        z = (z ^ (z >> np.uint64(27))) * _M3
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(seed: int, query_rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Deterministic random keys [len(query_rows), len(ranks)]: depend only on the seed,
+    the query's row in the input and the candidate's rank (not on block sizes)."""
+    s = _splitmix(np.array([seed], dtype=np.uint64))
+    q = _splitmix(s ^ np.asarray(query_rows, dtype=np.uint64))
+    return _splitmix(q[:, None] ^ (np.asarray(ranks, dtype=np.uint64)[None, :] * _M2))
+
+
+def select_window(cfg: MineConfig, c: np.ndarray, query_rows: np.ndarray):
+    """Pick each query's negatives from its sorted filtered candidates.
+
+    Args:
+        c: float32[n, num_candidates] closeness, sorted closest first, -inf = empty.
+        query_rows: int64[n] rows of the queries in the input (seed the sampler).
+
+    Returns:
+        ranks int64[n, k] (-1 = none; ascending), count int64[n] (filtered candidates
+        seen, capped at num_candidates).
+    """
+    n, kc = c.shape
+    count = np.isfinite(c).sum(axis=1).astype(np.int64)
+    r0 = cfg.range_min
+    width = kc - r0
+    ranks = np.arange(r0, kc, dtype=np.int64)
+    avail = ranks[None, :] < count[:, None]  # [n, width]
+    if cfg.sampling == "top" or width <= cfg.k:
+        take = np.broadcast_to(ranks[:cfg.k], (n, min(cfg.k, width))).copy()
+        ok = avail[:, :cfg.k]
+    else:
+        keys = sample_keys(cfg.seed, query_rows, ranks)
+        keys = np.where(avail, keys, np.uint64(np.iinfo(np.uint64).max))
+        pick = np.argsort(keys, axis=1, kind="stable")[:, :cfg.k]
+        take = ranks[pick]
+        ok = np.take_along_axis(avail, pick, 1)
+        take = np.where(ok, take, IDX_MAX)
+        take.sort(axis=1)
+        ok = take != IDX_MAX
+    out = np.full((n, cfg.k), -1, dtype=np.int64)
+    out[:, :take.shape[1]] = np.where(ok, take, -1)
+    return out, count

@@ -1,0 +1,151 @@
+"""Offline mining pipeline: the block engine equals a brute-force numpy reference."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from exportminers.pipeline import MineConfig, mine
+from exportminers.pipeline.reference import mine_reference
+
+# Integer-valued embeddings: every dot product / squared distance is exact in float32,
+# so the engine and the reference see identical scores and many exact ties.
+N_SELF, N_Q, N_M, D = 45, 37, 53, 5
+
+
+def _int_data(seed, n, labels=5):
+    rng = np.random.default_rng(seed)
+    return rng.integers(-2, 3, (n, D)).astype(np.float32), rng.integers(0, labels, n)
+
+
+CONFIGS = {
+    "hardest": dict(k=3, metric="dot"),
+    "score_window": dict(k=4, metric="dot", min_score=-1.5, max_score=3.5),
+    "semihard": dict(k=3, metric="dot", strategy="semihard", margin=3.5),
+    "multisimilarity": dict(k=3, metric="dot", strategy="multisimilarity", epsilon=2.5),
+    "margin_pos": dict(k=3, metric="dot", margin_pos=1.5, num_positives=2),
+    "perc_pos": dict(k=3, metric="dot", perc_pos=0.5),
+    "rank_window": dict(k=3, metric="dot", range_min=2, range_max=9),
+    "random": dict(k=4, metric="dot", range_min=1, range_max=12, sampling="random", seed=3),
+    "easiest_ref": dict(k=2, metric="dot", margin_pos=0.5, positive_ref="easiest",
+                        num_positives=3, easiest_positive=True),
+    "l2_hardest": dict(k=3, metric="l2", easiest_positive=True),
+    "l2_semihard": dict(k=3, metric="l2", strategy="semihard", margin=1.1),
+    "l2_scores": dict(k=3, metric="l2", min_score=1.7, max_score=3.1),
+    "l2_margin_pos": dict(k=3, metric="l2", margin_pos=0.2, positive_ref="easiest"),
+    "l2_ms_random": dict(k=2, metric="l2", strategy="multisimilarity", epsilon=0.6,
+                         range_max=6, sampling="random", seed=11),
+}
+BLOCKS = [(7, 11), (16, 64), (64, 64)]
+
+
+def _run(tmp_path, q, ql, qid=None, m=None, ml=None, mid=None, blocks=(7, 11), **cfg):
+    res = mine(q, ql, qid, bank=m, bank_labels=ml, bank_ids=mid, out_dir=tmp_path / "out",
+               block_size=blocks, shard_size=blocks[0] * 2, progress=False, plot=False,
+               formats=[], device="cpu", **cfg)
+    return res, pq.read_table(res.output).to_pylist()
+
+
+def _compare(rows, ref, cfg):
+    assert len(rows) == len(ref)
+    for i, (a, b) in enumerate(zip(rows, ref)):
+        assert a["query_index"] == i
+        for key in ("neg_ids", "neg_ranks", "pos_ids", "num_candidates"):
+            assert a[key] == b[key], (i, key, a, b)
+        np.testing.assert_allclose(a["neg_scores"], b["neg_scores"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a["pos_scores"], b["pos_scores"], rtol=1e-6, atol=1e-6)
+        if cfg.easiest_positive:
+            assert a["easy_pos_id"] == b["easy_pos_id"]
+        want = "ok" if len(b["neg_ids"]) == cfg.k else "short"
+        if (cfg.num_positives or cfg.needs_positive) and not b["pos_ids"] and b["easy_pos_id"] is None:
+            want = "no_positive"
+        assert a["status"] == want, (i, a, b)
+
+
+@pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_self_mining_equals_reference(tmp_path, name, blocks):
+    x, y = _int_data(0, N_SELF)
+    _, rows = _run(tmp_path, x, y, blocks=blocks, **CONFIGS[name])
+    cfg = MineConfig(**CONFIGS[name])
+    _compare(rows, mine_reference(cfg, x, y, np.arange(N_SELF)), cfg)
+
+
+@pytest.mark.parametrize("blocks", BLOCKS[:2], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_query_vs_bank_equals_reference(tmp_path, name, blocks):
+    q, ql = _int_data(1, N_Q)
+    m, ml = _int_data(2, N_M)
+    qid = 1000 + np.arange(N_Q)
+    mid = 1000 + np.arange(N_M)  # overlapping ids: bank row i is query i (never its positive)
+    _, rows = _run(tmp_path, q, ql, qid, m, ml, mid, blocks=blocks, **CONFIGS[name])
+    cfg = MineConfig(**CONFIGS[name])
+    ref = mine_reference(cfg, q, ql, qid, m, ml, mid, exclude_same_id=True)
+    _compare(rows, ref, cfg)
+    assert rows[0]["query_id"] == 1000
+
+
+def test_query_vs_bank_default_ids_do_not_exclude(tmp_path):
+    q, ql = _int_data(1, N_Q)
+    m, ml = _int_data(2, N_M)
+    cfg = MineConfig(k=3, metric="dot", num_positives=4)
+    _, rows = _run(tmp_path, q, ql, None, m, ml, None, k=3, metric="dot", num_positives=4)
+    ref = mine_reference(cfg, q, ql, np.arange(N_Q), m, ml, np.arange(N_M), exclude_same_id=False)
+    _compare(rows, ref, cfg)
+
+
+@pytest.mark.parametrize("strategy", ["hardest", "semihard", "multisimilarity"])
+def test_cosine_continuous_data(tmp_path, strategy):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 60)
+    kw = dict(k=4, metric="cosine", strategy=strategy, margin=0.3, epsilon=0.05)
+    _, rows = _run(tmp_path, x, y, blocks=(9, 13), **kw)
+    cfg = MineConfig(**kw)
+    ref = mine_reference(cfg, x, y, np.arange(60))
+    for a, b in zip(rows, ref):
+        assert a["neg_ids"] == b["neg_ids"] and a["pos_ids"] == b["pos_ids"]
+        np.testing.assert_allclose(a["neg_scores"], b["neg_scores"], atol=1e-5)
+
+
+def test_random_sampling_is_reproducible_and_block_independent(tmp_path):
+    x, y = _int_data(3, 80, labels=3)
+    kw = dict(k=3, metric="dot", range_max=20, sampling="random", seed=7)
+    _, a = _run(tmp_path / "a", x, y, blocks=(5, 9), **kw)
+    _, b = _run(tmp_path / "b", x, y, blocks=(32, 80), **kw)
+    _, c = _run(tmp_path / "c", x, y, blocks=(5, 9), **{**kw, "seed": 8})
+    assert [r["neg_ids"] for r in a] == [r["neg_ids"] for r in b]
+    assert [r["neg_ids"] for r in a] != [r["neg_ids"] for r in c]
+    ranks = np.concatenate([r["neg_ranks"] for r in a])
+    assert ranks.max() > 10  # draws reach deep into the window
+
+
+def test_flat_formats_match_per_query_table(tmp_path):
+    x, y = _int_data(4, 40)
+    res = mine(x, y, out_dir=tmp_path, k=3, metric="dot", progress=False, plot=True,
+               formats=["triplets", "ntuples", "pairs"], num_positives=2)
+    rows = pq.read_table(res.output).to_pylist()
+    trip = pq.read_table(res.files["triplets"]).to_pylist()
+    want = [(r["query_id"], r["pos_ids"][0], n) for r in rows if r["pos_ids"] for n in r["neg_ids"]]
+    assert [(t["anchor_id"], t["positive_id"], t["negative_id"]) for t in trip] == want
+    nt = pq.read_table(res.files["ntuples"]).to_pylist()
+    full = [r for r in rows if r["pos_ids"] and len(r["neg_ids"]) == 3]
+    assert [(t["anchor_id"], t["negative_3_id"]) for t in nt] == [(r["query_id"], r["neg_ids"][2]) for r in full]
+    pairs = pq.read_table(res.files["pairs"])
+    assert pairs.num_rows == sum(len(r["pos_ids"]) + len(r["neg_ids"]) for r in rows)
+    assert set(pairs.column("label").to_pylist()) == {0, 1}
+    assert res.files["plot"].stat().st_size > 1000
+    summary = json.loads(res.files["summary"].read_text())
+    assert summary["queries"]["total"] == 40
+    assert summary["scores"]["negatives"]["count"] == sum(len(r["neg_ids"]) for r in rows)
+
+
+def test_short_and_no_positive_are_reported(tmp_path):
+    x, y = _int_data(5, 30, labels=3)
+    y[0] = 99  # a label nobody else has: no positive
+    res, rows = _run(tmp_path, x, y, k=3, metric="dot", strategy="semihard", margin=0.5)
+    assert rows[0]["status"] == "no_positive" and rows[0]["neg_ids"] == []
+    s = res.summary
+    assert s["no_positive"]["count"] >= 1 and 0 in s["no_positive"]["example_query_ids"]
+    assert s["short_of_negatives"]["count"] == sum(r["status"] == "short" for r in rows)
+    assert "why" in s["short_of_negatives"]
