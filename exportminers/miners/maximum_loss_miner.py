@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ops
 from ..decode import decode
+from ..losses import TripletMarginLoss
 from ..utils.checks import check_inputs, check_positive_int
 from .base_miner import BasePreGradientMiner, KernelMinerMixin
 
@@ -18,7 +20,8 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
 
     Args:
         loss_function: any callable loss in eager mode; a scriptable module (e.g.
-            :class:`exportminers.losses.TripletMarginLoss`) for TorchScript/ONNX.
+            :class:`exportminers.losses.TripletMarginLoss`) for TorchScript/ONNX. None
+            means ``TripletMarginLoss()``.
         mining_function: optional post-gradient miner applied to each subset.
         num_trials: number of subsets tried.
         output_batch_size: subset size.
@@ -31,10 +34,12 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
     num_trials: int
     normalize: bool
 
-    def __init__(self, loss_function, mining_function=None, num_trials: int = 5,
+    def __init__(self, loss_function=None, mining_function=None, num_trials: int = 5,
                  output_batch_size: int = 32, normalize_embeddings: Optional[bool] = None,
                  **kwargs):
         super().__init__(output_batch_size=output_batch_size, **kwargs)
+        if loss_function is None:
+            loss_function = TripletMarginLoss()
         if not callable(loss_function):
             raise ValueError(f"loss_function must be callable, got {loss_function!r}")
         if mining_function is not None and not callable(mining_function):
@@ -61,15 +66,17 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
                ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
         if noise is None:
             raise ValueError("MaximumLossMiner.kernel needs noise of shape [num_trials, output_batch_size]")
-        n = embeddings.size(0)
+        # the batch size as a tensor, so an exported graph keeps N dynamic
+        n = _ops.ones_int_like(labels).sum()
         emb = F.normalize(embeddings, p=2.0, dim=1) if self.normalize else embeddings
-        subsets = torch.floor(noise * float(n)).to(torch.int64).clamp(max=n - 1)
+        subsets = torch.floor(noise * n.to(torch.float64)).to(torch.int64)
+        subsets = torch.minimum(subsets, n - 1)
         losses: List[Tensor] = []
         for i in range(self.num_trials):
             idx = subsets[i]
             losses.append(torch.as_tensor(self._subset_loss(emb[idx], labels[idx])).reshape(()))
-        best = torch.argmax(torch.stack(losses).to(torch.float64))
-        chosen = subsets[best]
+        best = torch.argmax(torch.stack(losses).to(torch.float64)).reshape(1)
+        chosen = torch.index_select(subsets, 0, best).reshape(-1)
         return [torch.ones_like(chosen, dtype=torch.bool), chosen]
 
     def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
