@@ -1,0 +1,207 @@
+"""Bad input -> ValueError naming the argument (eager and TorchScript); bad constructor
+configuration -> ValueError; an empty batch -> empty int64 outputs."""
+import math
+
+import pytest
+import torch
+
+import exportminers.distances as D
+from harness import (build_registry_miner, make_batch, our_miner_cls, registry_arity,
+                     registry_params)
+
+NO_REF = {"MaximumLossMiner"}
+
+
+def batch(n=12, dim=8, seed=0, dtype=torch.float64):
+    x, y, _ = make_batch(n, 3, dim, seed=seed, dtype=dtype)
+    return x, y
+
+
+def bad_calls():
+    x, y = batch()
+    r, ry = batch(9, seed=1)
+    nan = x.clone()
+    nan[3, 2] = math.nan
+    inf = x.clone()
+    inf[5, 0] = -math.inf
+    rnan = r.clone()
+    rnan[0, 0] = math.nan
+    return [
+        ("emb_1d", (x[:, 0], y), "embeddings", True),
+        ("emb_3d", (x.unsqueeze(0), y), "embeddings", True),
+        ("emb_int", (x.long(), y), "embeddings", True),
+        ("labels_2d", (x, y.unsqueeze(1)), "labels", True),
+        ("labels_too_short", (x, y[:-1]), "labels", True),
+        ("labels_too_long", (x, torch.cat([y, y[:1]])), "labels", True),
+        ("labels_float", (x, y.double()), "labels", True),
+        ("labels_bool", (x, y > 0), "labels", True),
+        ("emb_nan", (nan, y), "embeddings", True),
+        ("emb_inf", (inf, y), "embeddings", True),
+        ("ref_width", (x, y, r[:, :5], ry), "ref_emb", False),
+        ("ref_without_labels", (x, y, r, None), "ref_labels", False),
+        ("ref_labels_without_ref", (x, y, None, ry), "ref_emb", False),
+        ("ref_labels_mismatch", (x, y, r, ry[:-2]), "ref_labels", False),
+        ("ref_labels_float", (x, y, r, ry.float()), "ref_labels", False),
+        ("ref_labels_bool", (x, y, r, ry > 0), "ref_labels", False),
+        ("ref_nan", (x, y, rnan, ry), "ref_emb", False),
+        ("ref_1d", (x, y, r[:, 0], ry), "ref_emb", False),
+    ]
+
+
+BAD = bad_calls()
+
+
+@pytest.mark.parametrize("name,config", registry_params())
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: b[0])
+def test_bad_input_raises_value_error(name, config, bad):
+    _, args, arg_name, no_ref = bad
+    miner = build_registry_miner(name, config)
+    with pytest.raises(ValueError) as err:
+        miner(*args)
+    if name in NO_REF and not no_ref:
+        return  # any ValueError: this miner takes no reference set at all
+    assert arg_name in str(err.value), f"message does not name {arg_name}: {err.value}"
+
+
+@pytest.mark.parametrize("name,config", registry_params())
+@pytest.mark.parametrize("bad", [b for b in BAD if b[0] in (
+    "emb_3d", "labels_too_short", "labels_float", "emb_nan", "ref_width", "ref_without_labels")],
+    ids=lambda b: b[0])
+def test_bad_input_scripted(name, config, bad):
+    _, args, arg_name, no_ref = bad
+    scripted = torch.jit.script(build_registry_miner(name, config))
+    with pytest.raises((ValueError, torch.jit.Error)) as err:
+        scripted(*args)
+    msg = str(err.value)
+    assert "ValueError" in msg or isinstance(err.value, ValueError)
+    if not (name in NO_REF and not no_ref):
+        assert arg_name in msg
+
+
+@pytest.mark.parametrize("name,config", registry_params())
+def test_empty_batch(name, config):
+    miner = build_registry_miner(name, config)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.empty(0, 8, dtype=dtype)
+        y = torch.empty(0, dtype=torch.int64)
+        out = miner(x, y)
+        out = out if isinstance(out, tuple) else (out,)
+        assert len(out) == registry_arity(name)
+        for t in out:
+            assert t.dtype == torch.int64 and t.shape == (0,)
+
+
+@pytest.mark.parametrize("name,config", registry_params(exclude=NO_REF))
+def test_empty_query_or_reference(name, config):
+    miner = build_registry_miner(name, config)
+    x, y = batch(6)
+    e, ey = torch.empty(0, 8, dtype=torch.float64), torch.empty(0, dtype=torch.int64)
+    for args in ((e, ey, x, y), (x, y, e, ey)):
+        out = miner(*args)
+        assert len(out) == registry_arity(name)
+        for t in out:
+            assert t.dtype == torch.int64 and t.dim() == 1
+        if name != "EmbeddingsAlreadyPackagedAsTriplets":
+            for t in out:
+                assert t.numel() == 0
+
+
+def test_int32_labels_accepted():
+    x, y = batch()
+    m = our_miner_cls("TripletMarginMiner")()
+    a = m(x, y)
+    b = m(x, y.int())
+    for s, t in zip(a, b):
+        assert torch.equal(s, t)
+
+
+# ------------------------------------------------------------- constructor arguments
+
+
+def test_bad_type_of_triplets():
+    with pytest.raises(ValueError, match="type_of_triplets"):
+        our_miner_cls("TripletMarginMiner")(type_of_triplets="hardest")
+
+
+@pytest.mark.parametrize("pos,neg", [("bogus", "hard"), ("hard", "bogus"),
+                                     ("semihard", "semihard"), ("all", "semihard"),
+                                     ("semihard", "all")])
+def test_bad_batch_easy_hard_strategies(pos, neg):
+    with pytest.raises(ValueError, match="strategy|semihard"):
+        our_miner_cls("BatchEasyHardMiner")(pos_strategy=pos, neg_strategy=neg)
+
+
+BAD_DISTANCES = [
+    lambda: D.LpDistance(p=1), lambda: D.LpDistance(power=2),
+    lambda: D.LpDistance(normalize_embeddings=False), lambda: D.CosineSimilarity(),
+    lambda: D.DotProductSimilarity(), lambda: D.SNRDistance(),
+]
+
+
+@pytest.mark.parametrize("name", ["AngularMiner", "DistanceWeightedMiner"])
+@pytest.mark.parametrize("make_dist", BAD_DISTANCES)
+def test_l2_only_miners_reject_other_distances(name, make_dist):
+    with pytest.raises(ValueError, match="distance"):
+        our_miner_cls(name)(distance=make_dist())
+
+
+@pytest.mark.parametrize("name", ["AngularMiner", "DistanceWeightedMiner"])
+@pytest.mark.parametrize("legacy", [{"use_similarity": True}, {"squared_distances": True},
+                                    {"normalize_embeddings": False}])
+def test_l2_only_miners_reject_legacy_non_l2(name, legacy):
+    with pytest.raises(ValueError):
+        our_miner_cls(name)(**legacy)
+
+
+@pytest.mark.parametrize("name", ["AngularMiner", "DistanceWeightedMiner"])
+def test_l2_only_miners_accept_l2(name):
+    our_miner_cls(name)(distance=D.LpDistance(p=2, power=1, normalize_embeddings=True))
+    our_miner_cls(name)(normalize_embeddings=True)
+
+
+def test_distance_and_legacy_args_conflict():
+    with pytest.raises(ValueError):
+        our_miner_cls("PairMarginMiner")(distance=D.LpDistance(), use_similarity=True)
+
+
+def test_distance_must_be_ours():
+    import pytorch_metric_learning.distances as pml_d
+    with pytest.raises(ValueError, match="distance"):
+        our_miner_cls("PairMarginMiner")(distance=pml_d.LpDistance())
+
+
+@pytest.mark.parametrize("kw", [{"output_batch_size": 0}, {"output_batch_size": 4, "num_trials": 0},
+                                {"output_batch_size": 2.5}])
+def test_max_loss_bad_config(kw):
+    from exportminers.losses import TripletMarginLoss
+    with pytest.raises(ValueError):
+        our_miner_cls("MaximumLossMiner")(loss_function=TripletMarginLoss(), **kw)
+
+
+def test_max_loss_loss_must_be_callable():
+    with pytest.raises(ValueError, match="loss_function"):
+        our_miner_cls("MaximumLossMiner")(loss_function=3, output_batch_size=4)
+
+
+def test_check_finite_off_skips_the_scan():
+    x, y = batch()
+    x[0, 0] = math.nan
+    m = our_miner_cls("PairMarginMiner")(check_finite=False)
+    m(x, y)  # no error: the caller opted out
+
+
+@pytest.mark.parametrize("name,config", registry_params())
+def test_float16_and_float32_inputs_accepted(name, config, seed):
+    from harness import Case, assert_valid_pairs, assert_valid_triplets
+    miner = build_registry_miner(name, config)
+    for dtype in (torch.float16, torch.float32):
+        x, y = batch(12, seed=seed, dtype=dtype)
+        torch.manual_seed(seed)
+        out = miner(x, y)
+        out = out if isinstance(out, tuple) else (out,)
+        assert len(out) == registry_arity(name)
+        for t in out:
+            assert t.dtype == torch.int64 and t.dim() == 1
+        if name not in ("MaximumLossMiner", "EmbeddingsAlreadyPackagedAsTriplets"):
+            case = Case("half", x, y)
+            (assert_valid_triplets if len(out) == 3 else assert_valid_pairs)(out, case, name)
