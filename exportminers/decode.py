@@ -23,8 +23,9 @@ from torch import Tensor
 
 
 
-def _flat_true(mask: Tensor) -> Tensor:
-    limit = 2147483647  # torch.nonzero's CUDA kernel handles at most INT_MAX elements
+def _flat_true(mask: Tensor, limit: int = 2147483647) -> Tensor:
+    """Flat positions of True entries, in order; ``nonzero`` runs on pieces of at most
+    ``limit`` elements (its CUDA kernel handles at most INT_MAX)."""
     flat = mask.reshape(-1)
     n = flat.numel()
     if n <= limit:
@@ -36,9 +37,10 @@ def _flat_true(mask: Tensor) -> Tensor:
     return torch.cat(pieces)
 
 
-def decode_part(mask: Tensor, outputs: List[Tensor], fields: List[int]) -> List[Tensor]:
+def decode_part(mask: Tensor, outputs: List[Tensor], fields: List[int],
+                limit: int = 2147483647) -> List[Tensor]:
     """Decode one part; see the module docstring."""
-    flat = _flat_true(mask)
+    flat = _flat_true(mask, limit)
     shape = mask.shape
     ndim = len(shape)
     strides: List[int] = [1] * ndim

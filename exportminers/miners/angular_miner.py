@@ -56,33 +56,29 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
     ap = ap_sq.clamp(min=0.0).sqrt().to(dtype)                       # [N, M]
     c_sq = (a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + 2.0 * g) / 4.0      # |c_ij|^2
     ne_sq = r_sq + 2.0 * eps * r_sum + d * eps * eps                   # |r_k + eps|^2
-    # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
     n_rows, m = g.size(0), g.size(1)
-    out_blocks: List[Tensor] = []
     if _ops.is_exporting():
-        starts = [0]
-        per = n_rows
-    else:
-        per = max(1, max(n_rows * m, 4194304) // max(1, m * m))
-        starts = list(range(0, n_rows, per))
-    for s in starts:
+        return _angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, angle, eps) & \
+            lmu.triplet_mask(pos, neg)
+    out = torch.empty((n_rows, m, m), dtype=torch.bool, device=anchors.device)
+    # rows per block: each of a block's few float64 temporaries stays within
+    # max(N*M, 2^21) elements
+    per = max(1, max(n_rows * m, 2097152) // max(1, m * m))
+    for s in range(0, n_rows, per):
         e = min(n_rows, s + per)
-        if _ops.is_exporting():
-            gb, cb, apb, sb = g, c_sq, ap, a_sum
-        else:
-            gb, cb, apb, sb = g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e]
-        cross = gb.unsqueeze(1) + h.unsqueeze(0) + eps * (sb.view(-1, 1, 1) + r_sum.view(1, -1, 1))
-        nc_sq = ne_sq.view(1, 1, -1) + cb.unsqueeze(2) - cross
-        nc = nc_sq.clamp(min=0.0).sqrt().to(dtype)                     # [b, M(p), M(n)]
-        angles = torch.atan(apb.unsqueeze(2) / (2 * nc))
-        block = angles > angle
-        if _ops.is_exporting():
-            out_blocks.append(block & lmu.triplet_mask(pos, neg))
-        else:
-            out_blocks.append(block & lmu.triplet_mask(pos[s:e], neg[s:e]))
-    if len(out_blocks) == 1:
-        return out_blocks[0]
-    return torch.cat(out_blocks, dim=0)
+        out[s:e] = _angles_exceed(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h, ne_sq, r_sum,
+                                  angle, eps) & lmu.triplet_mask(pos[s:e], neg[s:e])
+    return out
+
+
+def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor,
+                   ne_sq: Tensor, r_sum: Tensor, angle: float, eps: float) -> Tensor:
+    """Angle test for a block of anchors: Tensor[b, M(p), M(n)] bool."""
+    # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
+    nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h.unsqueeze(0) \
+        - eps * (a_sum.view(-1, 1, 1) + r_sum.view(1, -1, 1))
+    nc = nc_sq.clamp(min=0.0).sqrt().to(ap.dtype)                  # [b, M(p), M(n)]
+    return torch.atan(ap.unsqueeze(2) / (2 * nc)) > angle
 
 
 class AngularMiner(TripletKernelMiner):

@@ -1,0 +1,73 @@
+"""Memory bounds of the dense triplet miners and decoding past nonzero's int32 limit."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from exportminers.decode import decode_part
+from exportminers.miners import TripletMarginMiner
+
+PROBE = textwrap.dedent("""
+    import json, resource, sys, torch
+    from exportminers.miners import AngularMiner, TripletMarginMiner
+    torch.set_num_threads(1)
+    name, n, impl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) // 8                      # 8 per class: few triplets
+    x = torch.randn(n // 8, 16, generator=g)[labels] + 0.3 * torch.randn(n, 16, generator=g)
+    if impl == "pml":
+        from pytorch_metric_learning import miners as pm
+        miner = getattr(pm, name)()
+    else:
+        miner = {"TripletMarginMiner": TripletMarginMiner, "AngularMiner": AngularMiner}[name]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = miner(x, labels)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"delta_bytes": (after - before) * 1024, "triplets": len(out[0])}))
+""")
+
+
+def _peak(name, n, impl):
+    res = subprocess.run([sys.executable, "-c", PROBE, name, str(n), impl],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["TripletMarginMiner", "AngularMiner"])
+def test_dense_triplet_miner_peak_memory_is_one_bool_cube(name):
+    # N^3 = 216 MB of bool; float margins over all triplets would be >= 864 MB (float32).
+    n = 600
+    cube = n * n * n
+    ours = _peak(name, n, "ours")
+    out_bytes = ours["triplets"] * 3 * 8 * 3  # index tuples, plus decode temporaries
+    budget = cube + out_bytes + 256 * 2**20   # one bool cube + outputs + O(N*M) floats
+    assert ours["delta_bytes"] < budget, (ours, budget)
+    assert ours["delta_bytes"] < 4 * cube  # a float32 cube alone would be 4 * cube
+
+
+def test_decode_in_pieces_equals_one_nonzero():
+    # the chunked path used past 2^31 elements, exercised with a small piece size
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(7, 5, 6, generator=g) < 0.3
+    whole = decode_part(mask, [], [-1, -2, -3])
+    for limit in (1, 7, 13, 64, 209, 210):
+        pieces = decode_part(mask, [], [-1, -2, -3], limit)
+        assert all(torch.equal(a, b) for a, b in zip(whole, pieces)), limit
+    assert torch.equal(torch.stack(whole, 1), torch.nonzero(mask))
+
+
+def test_triplet_miner_blocks_match_single_block():
+    # the row-blocked margin computation equals the one-shot definition
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(70, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (70,), generator=g)
+    a, p, n = TripletMarginMiner(margin=0.3)(x, y)
+    mat = torch.cdist(torch.nn.functional.normalize(x), torch.nn.functional.normalize(x))
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(70, dtype=torch.bool)
+    cube = pos[:, :, None] & ~same[:, None, :] & ((mat[:, None, :] - mat[:, :, None]) <= 0.3)
+    assert torch.equal(torch.stack([a, p, n], 1), torch.nonzero(cube))
