@@ -5,7 +5,6 @@ that ATen op has no ONNX equivalent or would make the exported graph compute sha
 an export variant chosen while ``torch.export`` / ``torch.onnx.export`` traces. Both
 variants return identical values; tests check that.
 """
-from typing import List
 
 import torch
 from torch import Tensor
@@ -35,9 +34,28 @@ def index_like(x: Tensor, dim: int) -> Tensor:
     Runtime places such shape nodes on the CPU (see ../shared/GPU_FACTS.md).
     """
     if is_exporting():
-        ones = torch.ones_like(x.select(1 - dim, 0) if x.dim() == 2 else x, dtype=torch.int64)
-        return torch.cumsum(ones, 0) - 1
+        v = x.select(1 - dim, 0) if x.dim() == 2 else x
+        return torch.cumsum(ones_int_like(v), 0) - 1
     return torch.arange(x.size(dim), device=x.device)
+
+
+def ones_int_like(x: Tensor) -> Tensor:
+    """``ones_like(x, dtype=int64)``.
+
+    When exporting it is computed from ``x`` itself (``(x == x) | True``) so the graph
+    needs no ``Shape -> Expand`` pair (``ones_like``/``full_like`` with a symbolic shape
+    emit one; see ../shared/GPU_FACTS.md). NaN-safe: the ``| True`` wins.
+    """
+    if is_exporting():
+        return ((x == x) | True).to(torch.int64)
+    return torch.ones_like(x, dtype=torch.int64)
+
+
+def zeros_int_like(x: Tensor) -> Tensor:
+    """``zeros_like(x, dtype=int64)``; shape-node free when exporting (see :func:`ones_int_like`)."""
+    if is_exporting():
+        return ((x == x) & False).to(torch.int64)
+    return torch.zeros_like(x, dtype=torch.int64)
 
 
 def diagonal_mask(n_rows_like: Tensor, n_cols_like: Tensor) -> Tensor:
@@ -87,14 +105,15 @@ def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Ten
         is_value = order < k
         value_slot = order.clamp(max=k - 1) if k > 0 else order
     values_before = torch.cumsum(is_value.to(torch.int64), dim=1) - is_value.to(torch.int64)
-    position = index_like(merged.transpose(0, 1), 0).unsqueeze(0).expand_as(order)
+    position = index_like(merged.transpose(0, 1), 0).unsqueeze(0)  # [1, L], broadcasts
     entries_before = position - values_before
-    out = torch.zeros_like(values, dtype=torch.int64)
+    out = zeros_int_like(values)
     # scatter each value's count back to its slot; non-value positions write into slot 0
     # first and are then overwritten by the value that owns slot 0 (scatter order is
     # not guaranteed, so write them with a neutral source instead)
-    src = torch.where(is_value, entries_before, torch.zeros_like(entries_before))
-    idx = torch.where(is_value, value_slot, torch.zeros_like(value_slot))
+    zero = torch.zeros((), dtype=torch.int64, device=order.device)
+    src = torch.where(is_value, entries_before, zero)
+    idx = torch.where(is_value, value_slot, zero)
     out = out.scatter_add(1, idx, src)
     return out
 
@@ -137,9 +156,3 @@ def rank_select(values: Tensor, valid: Tensor, k: Tensor, largest: bool) -> Tens
     order = torch.argsort(key, descending=largest, stable=True)
     ranks = torch.zeros_like(order).scatter(0, order, index_like(order, 0))
     return (ranks < k) & valid
-
-
-def split_rows(total: int, row_cost: int, budget: int) -> List[int]:
-    """Start offsets of row chunks so that rows * row_cost stays within ``budget``."""
-    per = max(1, budget // max(1, row_cost))
-    return list(range(0, total, per))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _ops
 from ..utils.checks import check_number
 
 
@@ -67,6 +68,11 @@ class BaseDistance(torch.nn.Module):
         return y - x if self.is_inverted else x - y
 
     def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+        if _ops.is_exporting():
+            # F.normalize's expand_as makes the graph compute shapes; broadcasting the
+            # same clamped norm gives the same values without Shape -> Expand.
+            norm = torch.linalg.vector_norm(embeddings, ord=self.p, dim=dim, keepdim=True)
+            return embeddings / norm.clamp_min(1e-12)
         return F.normalize(embeddings, p=self.p, dim=dim)
 
     def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:

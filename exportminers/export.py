@@ -1,0 +1,643 @@
+"""Export built-in miners to ONNX and TorchScript.
+
+ONNX: :func:`export_onnx` wraps ``miner.kernel`` (the fixed-shape mining step) in a tiny
+module and exports it with ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` +
+onnxscript) and ``torch.export.Dim`` dynamic axes. That exporter was chosen because it
+captures the kernel as one ATen graph with named symbolic sizes (``N``, ``M``, ``D``),
+runs onnxscript's optimizer (constant folding, dead-code removal) and gives the flattest
+graph; the TorchScript-based exporter (``dynamo=False``) is deprecated in torch 2.x and
+emits more shape-computing nodes. Export-only variants of a few primitives
+(:func:`exportminers._ops.is_exporting`) keep data-dependent and shape-computing
+operators out of the graph.
+
+The graph computes fixed-shape tensors only (masks, per-anchor indices, validity flags);
+:class:`exportminers.OnnxMiner` decodes them into index tuples with the layout stored in
+the graph's metadata. By default no ``NonZero``/``Loop``/``If``/``Compress``/``Unique``/
+``Scan`` node is allowed (checked after every export); ``compact=True`` appends the
+decoding (``NonZero`` and gathers) to the graph so it returns the index tuples itself.
+
+TorchScript: :func:`export_torchscript` scripts the whole miner (validation, kernel,
+decoding); :func:`load_torchscript` loads it back wrapped so bad input raises
+``ValueError`` as in eager mode.
+
+Example:
+    >>> miner = miners.TripletMarginMiner(margin=0.2)
+    >>> export_onnx(miner, "tm.onnx", embedding_dim=128)
+    'tm.onnx'
+    >>> a, p, n = OnnxMiner("tm.onnx")(emb, labels)
+"""
+import contextlib
+import inspect
+import json
+import logging
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .runtime import metadata as md
+
+FORBIDDEN_OPS = frozenset({"NonZero", "Loop", "If", "Compress", "Unique", "Scan"})
+SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "Range"})
+
+# Miners whose kernel treats every anchor row independently (so anchors can be mined in
+# blocks against the whole reference set) and that draw no noise.
+ROW_INDEPENDENT = frozenset({
+    "AngularMiner", "BatchEasyHardMiner", "BatchHardMiner", "MultiSimilarityMiner",
+    "PairMarginMiner", "TripletMarginMiner",
+})
+# Miners that do not mine against a reference set (their forward ignores or rejects it).
+SELF_ONLY = frozenset({"EmbeddingsAlreadyPackagedAsTriplets", "MaximumLossMiner"})
+# Miners whose batch size must be a multiple of some number.
+BATCH_MULTIPLE = {"EmbeddingsAlreadyPackagedAsTriplets": 3}
+
+_EXAMPLE_N, _EXAMPLE_M, _EXAMPLE_D = 9, 14, 6
+_PROBES = ((1009, 2003), (1013, 2011))
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+_EXPORTER = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------- wrappers
+
+
+class _KernelGraph(nn.Module):
+    """Calls ``miner.kernel`` and returns its fixed-shape outputs (optionally decoded)."""
+
+    def __init__(self, miner: nn.Module, compact: bool):
+        super().__init__()
+        self.miner = miner
+        self.compact = compact
+
+    def _run(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        out = list(self.miner.kernel(embeddings, labels, ref_emb, ref_labels, noise))
+        if self.compact:
+            out = compact_decode(out, self.miner.layout)
+        return tuple(out)
+
+
+class _SelfGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor):
+        return self._run(embeddings, labels, None, None, None)
+
+
+class _SelfNoiseGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor, noise: Tensor):
+        return self._run(embeddings, labels, None, None, noise)
+
+
+class _RefGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor):
+        return self._run(embeddings, labels, ref_emb, ref_labels, None)
+
+
+class _RefNoiseGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor,
+                noise: Tensor):
+        return self._run(embeddings, labels, ref_emb, ref_labels, noise)
+
+
+def compact_decode(outputs: List[Tensor], layout: List[List[int]]) -> List[Tensor]:
+    """:func:`exportminers.decode.decode` written for the exporter (``compact=True``):
+    ``nonzero`` of each mask gives the row-major coordinates, fields are gathered there."""
+    result: List[Tensor] = []
+    for part in layout:
+        mask = outputs[part[0]]
+        coords = torch.nonzero(mask)
+        for f in part[1:]:
+            if f < 0:
+                result.append(coords[:, -f - 1])
+            else:
+                result.append(outputs[f].expand_as(mask)[mask].to(torch.int64))
+    return result
+
+
+# ---------------------------------------------------------------------------- translations
+
+
+def _aten_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``aten.sort.stable`` (``torch.argsort(..., stable=True)``) as ONNX ``TopK``.
+
+    torch's ONNX function library has no lowering for the stable overload. ``TopK`` with
+    ``sorted=1`` over the whole axis is a stable sort: the ONNX spec breaks ties by the
+    lower index for ``largest`` 0 and 1 alike. ``K`` is read from the input's shape (one
+    ``Shape -> Gather`` pair).
+    """
+    from onnxscript import opset18 as op
+    k = op.Gather(op.Shape(self), op.Constant(value_ints=[dim]))
+    values, indices = op.TopK(self, k, axis=dim, largest=1 if descending else 0, sorted=1)
+    return values, indices
+
+
+def _aten_remainder_scalar(self, other):
+    """``aten.remainder.Scalar`` that also takes a symbolic size (``x % t.size(1)``).
+
+    torch's ONNX function library turns the scalar into a constant, which fails when the
+    scalar is a symbolic dimension; casting it like ``self`` works for both.
+    """
+    from onnxscript import opset18 as op
+    other = op.CastLike(other, self)
+    if self.dtype.is_integer():
+        return op.Mod(self, other)  # fmod=0: the sign of the divisor, like torch
+    return op.Sub(self, op.Mul(op.Floor(op.Div(self, other)), other))
+
+
+def _translations() -> Dict[Any, Any]:
+    return {torch.ops.aten.sort.stable: _aten_sort_stable,
+            torch.ops.aten.remainder.Scalar: _aten_remainder_scalar}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _miner_name(miner: nn.Module) -> str:
+    return type(miner).__name__
+
+
+def miner_config(miner: nn.Module) -> Dict[str, Any]:
+    """The constructor configuration of a miner, as JSON-able values.
+
+    Read from the attributes named like the constructor's arguments; the distance is
+    described by its class and arguments.
+    """
+    skip = {"self", "distance", "normalize_embeddings", "use_similarity", "squared_distances",
+            "collect_stats", "loss_function", "mining_function"}
+    cfg: Dict[str, Any] = {}
+    for cls in type(miner).__mro__:
+        if cls is nn.Module or "__init__" not in cls.__dict__:
+            continue
+        for name, prm in inspect.signature(cls.__init__).parameters.items():
+            if name in skip or name in cfg or prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+                continue
+            if not hasattr(miner, name):
+                continue
+            value = getattr(miner, name)
+            if isinstance(value, tuple):
+                value = list(value)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                value = repr(value)
+            cfg[name] = value
+    dist = getattr(miner, "distance", None)
+    if isinstance(dist, nn.Module):
+        cfg["distance"] = {"class": type(dist).__name__,
+                           **{k: getattr(dist, k) for k in ("normalize_embeddings", "p", "power")
+                              if hasattr(dist, k)}}
+    for name in ("loss_function", "mining_function"):
+        value = getattr(miner, name, None)
+        if value is not None:
+            cfg[name] = type(value).__name__
+    return cfg
+
+
+def _output_kind(miner: nn.Module, n_fields: int) -> str:
+    from . import registry
+    spec = registry.MINERS.get(_miner_name(miner))
+    if spec is not None:
+        return spec.output
+    kinds = {3: "triplets", 4: "pairs", 1: "subset"}
+    if n_fields not in kinds:
+        raise ValueError(f"{_miner_name(miner)}: its layout decodes to {n_fields} tensors; "
+                         f"expected 3 (triplets), 4 (pairs) or 1 (subset)")
+    return kinds[n_fields]
+
+
+def _dim_spec(values: Sequence[Sequence[int]], probes, with_ref: bool) -> List[Any]:
+    """Name each dim: "N" / "M" when it follows the probe sizes, an int when constant,
+    "?" otherwise."""
+    spec: List[Any] = []
+    for k in range(len(values[0])):
+        vals = [v[k] for v in values]
+        if all(v == n for v, (n, m) in zip(vals, probes)):
+            spec.append("N")
+        elif with_ref and all(v == m for v, (n, m) in zip(vals, probes)):
+            spec.append("M")
+        elif all(v == vals[0] for v in vals):
+            spec.append(int(vals[0]))
+        else:
+            spec.append("?")
+    return spec
+
+
+def noise_spec(miner: nn.Module, with_ref: bool) -> List[Any]:
+    """Symbolic noise shape ("N", "M" or ints) from ``miner.noise_shape``."""
+    fn = getattr(miner, "noise_shape", None)
+    if fn is None:
+        return []
+    probes = _PROBES if with_ref else tuple((n, n) for n, _ in _PROBES)
+    shapes = [list(fn(n, m)) for n, m in probes]
+    if len(shapes[0]) == 0:
+        return []
+    spec = _dim_spec(shapes, probes, with_ref)
+    if "?" in spec:
+        raise NotImplementedError(
+            f"{_miner_name(miner)}.noise_shape(n, m) = {shapes[0]} for n, m = {probes[0]}: "
+            f"every dim must be n, m or a constant to be exported")
+    return spec
+
+
+def _resolve(spec: List[Any], n: int, m: int) -> List[int]:
+    return [n if s == "N" else m if s == "M" else int(s) for s in spec]
+
+
+def _example_inputs(miner: nn.Module, n: int, m: int, d: int, dtype: torch.dtype,
+                    with_ref: bool, nspec: List[Any], seed: int = 0) -> List[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    args = [torch.randn(n, d, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)]
+    if with_ref:
+        args += [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g)]
+    if nspec:
+        args.append(torch.rand(_resolve(nspec, n, m if with_ref else n), generator=g,
+                               dtype=torch.float64))
+    return args
+
+
+def _graph_module(miner: nn.Module, with_ref: bool, noisy: bool, compact: bool) -> _KernelGraph:
+    cls = {(False, False): _SelfGraph, (False, True): _SelfNoiseGraph,
+           (True, False): _RefGraph, (True, True): _RefNoiseGraph}[(with_ref, noisy)]
+    return cls(miner, compact)
+
+
+def _all_nodes(model) -> List[Any]:
+    """Every node of a ModelProto: main graph, subgraphs and local functions."""
+    nodes: List[Any] = []
+
+    def walk(graph_nodes):
+        for node in graph_nodes:
+            nodes.append(node)
+            for attr in node.attribute:
+                if attr.g is not None and len(attr.g.node):
+                    walk(attr.g.node)
+                for g in attr.graphs:
+                    walk(g.node)
+
+    walk(model.graph.node)
+    for fn in model.functions:
+        walk(fn.node)
+    return nodes
+
+
+def op_types(path_or_model) -> Dict[str, int]:
+    """Count of each operator type in an ONNX file or ModelProto (subgraphs included)."""
+    import onnx
+    model = onnx.load(os.fspath(path_or_model)) if isinstance(path_or_model, (str, os.PathLike)) \
+        else path_or_model
+    counts: Dict[str, int] = {}
+    for node in _all_nodes(model):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _check_dynamic_axes(name: str, model, dynamic_shapes: Dict[str, Any]) -> None:
+    """Raise if the exporter specialised an axis that was asked to be dynamic.
+
+    ``torch.export`` silently fixes a size that the kernel turns into a Python number
+    (``float(x.size(1))``, ``if n > 3``); the graph would then only accept the example
+    size.
+    """
+    for inp in model.graph.input:
+        dims = dynamic_shapes.get(inp.name) or {}
+        shape = inp.type.tensor_type.shape.dim
+        for axis, dim in dims.items():
+            if axis < len(shape) and not shape[axis].dim_param:
+                raise RuntimeError(
+                    f"exporting {name}: the exporter fixed {inp.name}.shape[{axis}] to "
+                    f"{shape[axis].dim_value} instead of keeping it dynamic ({getattr(dim, '__name__', dim)}); "
+                    f"the kernel turns that size into a Python number (e.g. float(x.size(1)))"
+                    + ("; pass embedding_dim= to export a fixed width" if axis == 1 and
+                       inp.name in ("embeddings", "ref_emb") else ""))
+
+
+def _error_summary(err: BaseException) -> str:
+    """The informative line of an exporter error (its 'Exception summary'), else the text."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        picked = [ln for ln in after if ln.startswith("<class")]
+        if picked:
+            return " / ".join(picked)
+    return f"{type(err).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's warnings and info logging (restored afterwards)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo",
+                                               "torch.fx.experimental.symbolic_shapes",
+                                               "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
+                embedding_dim: Optional[int] = None, with_ref: bool = False,
+                dtype: torch.dtype = torch.float32, opset: Optional[int] = None,
+                compact: bool = False) -> str:
+    """Export a built-in miner's kernel to an ONNX graph with dynamic batch axes.
+
+    Args:
+        miner: a built-in miner (anything with ``kernel``, ``layout`` and optionally
+            ``noise_shape``, see :mod:`exportminers.miners.base_miner`).
+        path: where to write the ``.onnx`` file (parent folders are created).
+        embedding_dim: fix the embedding width ``D``; None keeps it dynamic.
+        with_ref: export ``(embeddings, labels, ref_emb, ref_labels)`` mining (anchors
+            from ``embeddings``, positives/negatives from ``ref_emb``); otherwise
+            self-mining with self-pairs excluded.
+        dtype: ``torch.float32`` or ``torch.float16`` embeddings.
+        opset: ONNX opset (default: the exporter's).
+        compact: append the decoding (``NonZero`` + gathers) so the graph returns index
+            tuples of data-dependent length instead of fixed-shape tensors.
+
+    Graph inputs: ``embeddings`` Tensor[N, D] (``dtype``), ``labels`` Tensor[N] int64;
+    with ``with_ref``: ``ref_emb`` Tensor[M, D], ``ref_labels`` Tensor[M] int64; random
+    miners: ``noise`` float64 uniform [0, 1) of ``miner.noise_shape(N, M)`` (symbolic).
+    Outputs: the kernel's tensors, named ``mask<k>`` (read by the layout as masks),
+    ``index<k>`` (integer fields) or ``out<k>``; with ``compact``: ``a, p, n`` /
+    ``a1, p, a2, n`` / ``indices``. ``metadata_props`` record the package version, the
+    miner class and configuration, layout, input/output names and symbolic shapes, the
+    noise shape, output kind, dtype and ``embedding_dim`` (keys in
+    :mod:`exportminers.runtime.metadata`).
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ValueError: unsupported arguments, or a miner that cannot mine against a
+            reference set with ``with_ref=True``.
+        RuntimeError: the exporter failed, or the graph holds a forbidden operator
+            (:data:`FORBIDDEN_OPS`) without ``compact``.
+    """
+    import onnx
+
+    name = _miner_name(miner)
+    for attr in ("kernel", "layout"):
+        if not hasattr(miner, attr):
+            raise ValueError(
+                f"miner: {name} has no {attr!r}; only built-in (kernel + layout) miners export")
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    if embedding_dim is not None and (isinstance(embedding_dim, bool)
+                                      or not isinstance(embedding_dim, int) or embedding_dim < 1):
+        raise ValueError(f"embedding_dim must be a positive integer or None, got {embedding_dim!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ValueError(f"opset must be an integer opset version, got {opset!r}")
+    with_ref = bool(with_ref)
+    if with_ref and (name in SELF_ONLY or not getattr(miner, "supports_ref", True)):
+        raise ValueError(f"with_ref: {name} does not mine against a reference set; "
+                         f"export it with with_ref=False")
+    if getattr(miner, "was_set_externally", False):
+        warnings.warn(f"{name}: indices set with set_idx_externally are not exported; the "
+                      f"graph mines every pair of the batch", stacklevel=2)
+
+    layout: List[List[int]] = [list(map(int, part)) for part in miner.layout]
+    n_fields = sum(len(part) - 1 for part in layout)
+    kind = _output_kind(miner, n_fields)
+    nspec = noise_spec(miner, with_ref)
+    noisy = len(nspec) > 0
+    d = embedding_dim if embedding_dim is not None else _EXAMPLE_D
+    n_ex, m_ex = _EXAMPLE_N, _EXAMPLE_M
+
+    was_training = miner.training
+    miner.eval()
+    try:
+        eager_graph = _graph_module(miner, with_ref, noisy, False)
+        # probe the kernel eagerly at two sizes: output count, dtypes and symbolic shapes
+        probes = ((n_ex, m_ex), (n_ex + 3, m_ex + 3)) if with_ref else ((n_ex, n_ex), (n_ex + 3, n_ex + 3))
+        probe_shapes: List[List[List[int]]] = []
+        with torch.no_grad():
+            for i, (n, m) in enumerate(probes):
+                outs = eager_graph(*_example_inputs(miner, n, m, d, torch.float32, with_ref,
+                                                    nspec, seed=i))
+                probe_shapes.append([list(o.shape) for o in outs])
+        out_dtypes = [o.dtype for o in outs]
+        out_shapes = [_dim_spec([p[k] for p in probe_shapes], probes, with_ref)
+                      for k in range(len(out_dtypes))]
+
+        input_names = ["embeddings", "labels"] + (["ref_emb", "ref_labels"] if with_ref else []) \
+            + (["noise"] if noisy else [])
+        if compact:
+            output_names = {"triplets": ["a", "p", "n"], "pairs": ["a1", "p", "a2", "n"],
+                            "subset": ["indices"]}[kind]
+            if len(output_names) != n_fields:
+                output_names = [f"field{k}" for k in range(n_fields)]
+        else:
+            mask_pos = {part[0] for part in layout}
+            output_names = []
+            for k, dt in enumerate(out_dtypes):
+                if k in mask_pos:
+                    output_names.append(f"mask{k}")
+                elif not dt.is_floating_point and dt != torch.bool:
+                    output_names.append(f"index{k}")
+                else:
+                    output_names.append(f"out{k}")
+            custom = getattr(miner, "output_names", None)
+            if isinstance(custom, (list, tuple)) and len(custom) == len(output_names):
+                output_names = [str(c) for c in custom]
+
+        N = torch.export.Dim("N", min=1)
+        M = torch.export.Dim("M", min=1)
+        D = torch.export.Dim("D", min=1) if embedding_dim is None else None
+
+        def emb_dims(row):
+            return {0: row, 1: D} if D is not None else {0: row}
+
+        dynamic_shapes: Dict[str, Any] = {"embeddings": emb_dims(N), "labels": {0: N}}
+        if with_ref:
+            dynamic_shapes["ref_emb"] = emb_dims(M)
+            dynamic_shapes["ref_labels"] = {0: M}
+        if noisy:
+            dims = {}
+            for k, s in enumerate(nspec):
+                if s == "N" or (s == "M" and not with_ref):
+                    dims[k] = N
+                elif s == "M":
+                    dims[k] = M
+            dynamic_shapes["noise"] = dims or None
+        args = tuple(_example_inputs(miner, n_ex, m_ex, d, dtype, with_ref, nspec))
+        graph = _graph_module(miner, with_ref, noisy, compact)
+        kwargs: Dict[str, Any] = {}
+        if opset is not None:
+            kwargs["opset_version"] = opset
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                program = torch.onnx.export(
+                    graph, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                    input_names=input_names, output_names=output_names, optimize=True,
+                    custom_translation_table=_translations(), verify=False, report=False,
+                    verbose=False, **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"exporting {name} to ONNX failed: {_error_summary(e)}") from e
+    finally:
+        miner.train(was_training)
+
+    model = program.model_proto
+    counts = op_types(model)
+    bad = sorted(FORBIDDEN_OPS.intersection(counts))
+    if bad and not compact:
+        raise RuntimeError(
+            f"the exported {name} graph contains data-dependent operators {bad}; its kernel "
+            f"must be fixed-shape (see exportminers.miners.base_miner)")
+    _check_dynamic_axes(name, model, dynamic_shapes)
+    got_inputs = [i.name for i in model.graph.input]
+    got_outputs = [o.name for o in model.graph.output]
+    if got_inputs != input_names or got_outputs != output_names:
+        raise RuntimeError(f"exported {name}: graph inputs {got_inputs} / outputs {got_outputs} "
+                           f"differ from {input_names} / {output_names}")
+
+    meta = {
+        md.VERSION: __version__,
+        md.MINER: name,
+        md.CONFIG: miner_config(miner),
+        md.LAYOUT: layout,
+        md.INPUTS: input_names,
+        md.OUTPUTS: output_names,
+        md.OUTPUT_SHAPES: [] if compact else out_shapes,
+        md.NOISE_SHAPE: nspec,
+        md.NOISE_DTYPE: "float64" if noisy else "",
+        md.OUTPUT_KIND: kind,
+        md.WITH_REF: with_ref,
+        md.DTYPE: _DTYPE_NAMES[dtype],
+        md.EMBEDDING_DIM: embedding_dim,
+        md.ROW_INDEPENDENT: bool(getattr(miner, "row_independent", name in ROW_INDEPENDENT))
+        and not noisy,
+        md.BATCH_MULTIPLE: int(BATCH_MULTIPLE.get(name, 1)),
+        md.CHECK_FINITE: bool(getattr(miner, "check_finite", True)),
+        md.COMPACT: bool(compact),
+        md.EXPORTER: _EXPORTER,
+    }
+    existing = {p.key for p in model.metadata_props}
+    for key, value in md.encode(meta).items():
+        if key in existing:
+            for p in model.metadata_props:
+                if p.key == key:
+                    p.value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    model.doc_string = f"exportminers {__version__}: {name}({miner.extra_repr()})"
+    onnx.checker.check_model(model, full_check=True)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The exportminers metadata of an exported graph (decoded JSON values)."""
+    import onnx
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return md.decode({p.key: p.value for p in model.metadata_props}, os.fspath(path))
+
+
+def build_miner(name: str, config: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Build a registry miner from a JSON-able configuration.
+
+    ``loss_function`` / ``mining_function`` may be given by name (a class of
+    :mod:`exportminers.losses` / :mod:`exportminers.miners`, built with defaults);
+    ``MaximumLossMiner`` defaults to ``losses.TripletMarginLoss()``. ``distance`` may be
+    ``{"class": "CosineSimilarity", ...kwargs}``.
+    """
+    from . import registry
+    spec = registry.get(name)
+    cfg = dict(config or {})
+    if isinstance(cfg.get("loss_function"), str):
+        from . import losses
+        cfg["loss_function"] = getattr(losses, cfg["loss_function"])()
+    if isinstance(cfg.get("mining_function"), str):
+        from . import miners
+        cfg["mining_function"] = getattr(miners, cfg["mining_function"])()
+    if isinstance(cfg.get("distance"), dict):
+        from . import distances
+        dcfg = dict(cfg["distance"])
+        cls = getattr(distances, dcfg.pop("class"))
+        cfg["distance"] = cls(**dcfg)
+    if name == "MaximumLossMiner" and "loss_function" not in cfg:
+        from . import losses
+        cfg["loss_function"] = losses.TripletMarginLoss()
+    return spec.build(**cfg)
+
+
+# ---------------------------------------------------------------------------- TorchScript
+
+
+def export_torchscript(miner: nn.Module, path: Union[str, os.PathLike]) -> torch.jit.ScriptModule:
+    """Script a miner (validation, kernel and decoding) and save it.
+
+    ``torch.jit.load(path)`` returns a module giving the same results as eager. Bad input
+    raises ``torch.jit.Error`` from a scripted module; :func:`load_torchscript` turns that
+    back into ``ValueError``.
+
+    Returns:
+        The ``torch.jit.ScriptModule``.
+    """
+    try:
+        scripted = torch.jit.script(miner)
+    except Exception as e:
+        raise RuntimeError(f"scripting {_miner_name(miner)} failed: {type(e).__name__}: {e}") from e
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    scripted.save(path)
+    return scripted
+
+
+_SCRIPT_VALUE_ERROR = "builtins.ValueError: "
+
+
+def _reraise_script_error(err: BaseException) -> None:
+    msg = str(err)
+    at = msg.rfind(_SCRIPT_VALUE_ERROR)
+    if at >= 0:
+        raise ValueError(msg[at + len(_SCRIPT_VALUE_ERROR):].strip()) from err
+
+
+class TorchScriptMiner(nn.Module):
+    """A loaded TorchScript miner whose input errors surface as ``ValueError``.
+
+    See :func:`load_torchscript`. Attributes of the scripted miner (``num_triplets`` ...)
+    are readable through the wrapper.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.module(*args, **kwargs)
+        except torch.jit.Error as e:
+            _reraise_script_error(e)
+            raise
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = super().__getattr__("module")
+            return getattr(module, name)
+
+
+def load_torchscript(path: Union[str, os.PathLike], map_location=None) -> TorchScriptMiner:
+    """``torch.jit.load`` a saved miner, wrapped so bad input raises ``ValueError``.
+
+    Example:
+        >>> m = load_torchscript("miner.pt")
+        >>> m(torch.randn(4, 3), torch.zeros(5))   # ValueError: labels has 5 entries ...
+    """
+    return TorchScriptMiner(torch.jit.load(os.fspath(path), map_location=map_location))

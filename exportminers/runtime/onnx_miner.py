@@ -1,0 +1,473 @@
+"""Run an exported miner with ONNX Runtime: no torch needed.
+
+:class:`OnnxMiner` loads a graph written by :func:`exportminers.export_onnx`, reads its
+metadata (miner, layout, inputs, noise), validates inputs with the same checks and
+messages as the eager miners (:mod:`exportminers.runtime.checks_np`), runs the
+fixed-shape graph and decodes its outputs into PML index tuples
+(:mod:`exportminers.runtime.decode_np`).
+
+Example:
+    >>> om = OnnxMiner("triplet_margin.onnx")             # CUDA EP if available, else CPU
+    >>> a, p, n = om(embeddings, labels)                  # numpy int64 arrays
+    >>> raw = om(embeddings, labels, return_raw=True)     # the fixed-shape outputs
+"""
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import checks_np, decode_np
+from . import metadata as md
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+_ONNX_TO_NP = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+_DLPACK_CUDA_HOST = 3
+_DLPACK_CUDA_MANAGED = 13
+
+
+def default_providers() -> List[str]:
+    """``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when ONNX Runtime has CUDA,
+    else ``["CPUExecutionProvider"]``."""
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _strict_gpu(session_options) -> bool:
+    if session_options is None:
+        return False
+    try:
+        return session_options.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+    except Exception:  # entry not set
+        return False
+
+
+def _is_host(x) -> bool:
+    """numpy arrays and plain Python data take the host path; other objects exposing
+    ``__dlpack__`` (torch tensors, CuPy/JAX arrays, OrtValues) take the IOBinding path."""
+    if x is None or isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        return True
+    return not hasattr(x, "__dlpack__")
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _positive_int_or_none(value, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+class OnnxMiner:
+    """A miner exported by :func:`exportminers.export_onnx`, run with ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: ONNX Runtime execution providers; default: CUDA when ONNX Runtime
+            offers it (``onnxruntime-gpu``), else CPU. With
+            ``session.disable_cpu_ep_fallback = "1"`` in ``session_options`` the default
+            is ``["CUDAExecutionProvider"]`` alone (the two may not be combined).
+        session_options: an ``onnxruntime.SessionOptions``.
+        seed: seeds the numpy generator (``numpy.random.default_rng``) that draws the
+            uniform noise of random miners; calls draw successively from it, so two
+            ``OnnxMiner`` objects built with the same seed return the same sequence.
+            A call may override it with its own ``seed=`` or pass ``noise=`` explicitly.
+        chunk_size: mine anchors in blocks of this many rows against the whole reference
+            set (graphs exported ``with_ref=True`` of miners whose anchor rows are
+            independent; metadata ``row_independent``). Results equal one big call.
+        max_block_elements: instead of ``chunk_size``, choose the block so that the
+            largest fixed-shape output stays within this many elements.
+        check_finite: reject NaN/inf embeddings (default: as the exported miner).
+        provider_options: passed to ``InferenceSession``.
+
+    Calling it: ``om(embeddings, labels[, ref_emb, ref_labels], seed=None, noise=None,
+    return_raw=False, device_output=False)``.
+
+    * numpy inputs (or anything ``np.asarray`` takes) run through ``session.run``;
+    * inputs exposing ``__dlpack__`` (torch tensors, CUDA or CPU, CuPy arrays ...) are
+      bound in place with IOBinding, outputs are allocated on the same device;
+    * the result is a tuple of numpy int64 arrays shaped like the eager miner's
+      (``(a, p, n)``, ``(a1, p, a2, n)``, or one array for subset miners);
+      ``device_output=True`` (torch inputs) decodes on the inputs' device and returns
+      torch int64 tensors there; ``return_raw=True`` returns the graph's fixed-shape
+      outputs instead (numpy arrays, or ``OrtValue`` objects on the device for the
+      IOBinding path: ``torch.from_dlpack(v)`` views them without a copy).
+
+    On the IOBinding path, inputs are checked for shape and dtype without leaving the
+    device; the NaN/inf check runs for torch tensors (on their device) and host
+    DLPack arrays, and is skipped for other device arrays.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], providers: Optional[Sequence[Any]] = None,
+                 session_options=None, *, seed: Optional[int] = None,
+                 chunk_size: Optional[int] = None, max_block_elements: Optional[int] = None,
+                 check_finite: Optional[bool] = None,
+                 provider_options: Optional[Sequence[Dict[str, Any]]] = None):
+        import onnxruntime as ort
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ValueError(f"path {self.path!r} is not a file")
+        if providers is None:
+            providers = ["CUDAExecutionProvider"] if _strict_gpu(session_options) \
+                else default_providers()
+        self.session = ort.InferenceSession(
+            self.path, sess_options=session_options, providers=list(providers),
+            provider_options=provider_options)
+        meta = md.decode(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.metadata: Dict[str, Any] = meta
+        self.miner_name: str = meta[md.MINER]
+        self.config: Dict[str, Any] = meta.get(md.CONFIG, {})
+        self.layout: List[List[int]] = meta[md.LAYOUT]
+        self.input_names: List[str] = meta[md.INPUTS]
+        self.output_names: List[str] = meta[md.OUTPUTS]
+        self.output_shapes: List[List[Any]] = meta.get(md.OUTPUT_SHAPES, [])
+        self.noise_spec: List[Any] = meta[md.NOISE_SHAPE]
+        self.output_kind: str = meta[md.OUTPUT_KIND]
+        self.with_ref: bool = bool(meta[md.WITH_REF])
+        self.dtype = np.dtype(_DTYPES[meta[md.DTYPE]])
+        self.embedding_dim: Optional[int] = meta[md.EMBEDDING_DIM]
+        self.row_independent: bool = bool(meta.get(md.ROW_INDEPENDENT, False))
+        self.batch_multiple: int = int(meta.get(md.BATCH_MULTIPLE, 1) or 1)
+        self.compact: bool = bool(meta.get(md.COMPACT, False))
+        self.check_finite: bool = bool(meta.get(md.CHECK_FINITE, True)) \
+            if check_finite is None else bool(check_finite)
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        for name in self.input_names:
+            if name not in graph_inputs:
+                raise ValueError(f"{self.path}: metadata names input {name!r}, the graph lacks it")
+        self.noise_dtype = np.dtype(_ONNX_TO_NP.get(graph_inputs["noise"].type, np.float64)) \
+            if "noise" in graph_inputs else None
+        self.providers: List[str] = self.session.get_providers()
+        self._rng = np.random.default_rng(seed)
+        self.chunk_size = _positive_int_or_none(chunk_size, "chunk_size")
+        self.max_block_elements = _positive_int_or_none(max_block_elements, "max_block_elements")
+        if self.chunk_size is not None and self.max_block_elements is not None:
+            raise ValueError("pass chunk_size or max_block_elements, not both")
+        if self.chunk_size is not None or self.max_block_elements is not None:
+            self._check_chunkable()
+        fields: List[int] = [f for part in self.layout for f in part[1:]]
+        self._anchor_fields = [i for i, f in enumerate(fields) if f == -1]
+        self.num_pos_pairs = 0
+        self.num_neg_pairs = 0
+        self.num_triplets = 0
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def is_random(self) -> bool:
+        """The miner draws uniform noise (a ``noise`` graph input)."""
+        return len(self.noise_spec) > 0
+
+    def __repr__(self) -> str:
+        return (f"OnnxMiner({self.path!r}, miner={self.miner_name}, config={self.config}, "
+                f"with_ref={self.with_ref}, dtype={self.dtype.name}, providers={self.providers})")
+
+    def _check_chunkable(self) -> None:
+        arg = "chunk_size" if self.chunk_size is not None else "max_block_elements"
+        if not self.with_ref:
+            raise ValueError(
+                f"{arg}: anchor chunking needs a graph exported with with_ref=True (a "
+                f"self-mining graph excludes self-pairs along its diagonal, which a block of "
+                f"anchors cannot express); export with_ref=True and pass the batch as ref_emb")
+        if not self.row_independent:
+            raise ValueError(
+                f"{arg}: {self.miner_name} does not mine each anchor row independently "
+                f"(or draws noise), so its results cannot be computed in anchor blocks")
+
+    def noise_shape(self, n: int, m: int) -> List[int]:
+        """Shape of the noise input for ``n`` anchors and ``m`` references ([] if none)."""
+        return [n if s == "N" else m if s == "M" else int(s) for s in self.noise_spec]
+
+    def _rows_per_block(self, n: int, m: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if self.max_block_elements is None:
+            return max(n, 1)
+        cost = 1
+        for dims in self.output_shapes:
+            c = 1
+            for s in dims[1:]:
+                c *= n if s == "N" else int(s) if isinstance(s, int) else m
+            cost = max(cost, c)
+        return max(1, self.max_block_elements // cost)
+
+    # ------------------------------------------------------------------ calling
+
+    def __call__(self, embeddings, labels, ref_emb=None, ref_labels=None, *,
+                 seed: Optional[int] = None, noise=None, return_raw: bool = False,
+                 device_output: bool = False):
+        """Mine; see the class docstring."""
+        if not _is_host(embeddings):
+            return self._call_bound(embeddings, labels, ref_emb, ref_labels, seed, noise,
+                                    return_raw, device_output)
+        if device_output:
+            raise ValueError("device_output=True needs device-resident (torch) inputs; "
+                             "numpy inputs give numpy outputs")
+        emb, lab, ref, ref_lab = checks_np.check_inputs(
+            embeddings, labels, ref_emb, ref_labels, self.check_finite)
+        self._check_graph_args(emb.shape, ref is not None)
+        emb = emb.astype(self.dtype, copy=False)
+        ref = None if ref is None else ref.astype(self.dtype, copy=False)
+        if self.check_finite and self.dtype == np.float16:  # values beyond float16's range
+            checks_np.check_finite(emb, "embeddings")
+            if ref is not None:
+                checks_np.check_finite(ref, "ref_emb")
+        n = emb.shape[0]
+        m = n if ref is None else ref.shape[0]
+        noise_arr = self._noise(n, m, seed, noise)
+        if n == 0 or m == 0:
+            return self._empty(n, m, return_raw)
+
+        def run(s: int, e: int):
+            feeds = {"embeddings": np.ascontiguousarray(emb[s:e]),
+                     "labels": np.ascontiguousarray(lab[s:e])}
+            if ref is not None:
+                feeds["ref_emb"] = np.ascontiguousarray(ref)
+                feeds["ref_labels"] = np.ascontiguousarray(ref_lab)
+            if noise_arr is not None:
+                feeds["noise"] = noise_arr
+            return self.session.run(self.output_names, feeds)
+
+        if return_raw:
+            return run(0, n)
+        blocks = []
+        per = self._rows_per_block(n, m)
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            blocks.append((s, self._decode_np(run(s, e))))
+        return self._finish(self._join(blocks, np.concatenate, lambda a, s: a + s))
+
+    def _check_graph_args(self, emb_shape, has_ref: bool) -> None:
+        if has_ref and not self.with_ref:
+            raise ValueError(
+                f"ref_emb: this graph ({self.miner_name}) was exported for self-mining "
+                f"(with_ref=False); export it with with_ref=True to mine against ref_emb")
+        if not has_ref and self.with_ref:
+            raise ValueError(
+                f"ref_emb: this graph ({self.miner_name}) was exported with with_ref=True; "
+                f"pass ref_emb and ref_labels")
+        d = emb_shape[1]
+        if self.embedding_dim is not None and d != self.embedding_dim:
+            raise ValueError(
+                f"embeddings has embedding size {d} but this graph was exported with "
+                f"embedding_dim={self.embedding_dim}")
+        if self.batch_multiple > 1 and emb_shape[0] % self.batch_multiple != 0:
+            raise ValueError(
+                f"embeddings must hold whole triplets (a multiple of {self.batch_multiple} "
+                f"rows), got {emb_shape[0]} rows")
+
+    def _noise(self, n: int, m: int, seed: Optional[int], noise) -> Optional[np.ndarray]:
+        if not self.is_random:
+            if noise is not None:
+                raise ValueError(f"noise: {self.miner_name} is deterministic and takes no noise")
+            return None
+        shape = self.noise_shape(n, m)
+        if noise is not None:
+            if hasattr(noise, "__dlpack__") and not isinstance(noise, np.ndarray) and _is_torch(noise):
+                noise = noise.detach().cpu().numpy()
+            noise = np.asarray(noise)
+            if list(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {list(noise.shape)}")
+            if checks_np.dtype_kind(noise.dtype) != "f":
+                raise ValueError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+            return np.ascontiguousarray(noise, dtype=self.noise_dtype)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        return rng.random(shape, dtype=np.float64).astype(self.noise_dtype, copy=False)
+
+    def _empty(self, n: int, m: int, return_raw: bool, like=None):
+        if return_raw:
+            out = []
+            types = {o.name: o.type for o in self.session.get_outputs()}
+            for name, dims in zip(self.output_names, self.output_shapes or [[]] * len(self.output_names)):
+                shape = [n if s == "N" else m if s == "M" else (s if isinstance(s, int) else 0)
+                         for s in dims]
+                out.append(np.zeros(shape, dtype=_ONNX_TO_NP.get(types[name], np.float32)))
+            return out
+        k = md.TUPLE_LENGTH[self.output_kind]
+        if like is not None:
+            import torch
+            return self._finish([torch.empty(0, dtype=torch.int64, device=like.device)
+                                 for _ in range(k)])
+        return self._finish([np.zeros(0, dtype=np.int64) for _ in range(k)])
+
+    def _decode_np(self, outputs: List[np.ndarray]) -> List[np.ndarray]:
+        if self.compact:
+            return [np.asarray(o).astype(np.int64, copy=False) for o in outputs]
+        return decode_np.decode(outputs, self.layout)
+
+    def _join(self, blocks, cat, shift):
+        """Concatenate decoded anchor blocks, shifting anchor coordinates by the offset."""
+        if len(blocks) == 1:
+            return blocks[0][1]
+        out = []
+        for k in range(len(blocks[0][1])):
+            pieces = []
+            for start, fields in blocks:
+                f = fields[k]
+                pieces.append(shift(f, start) if k in self._anchor_fields else f)
+            out.append(cat(pieces))
+        return out
+
+    def _finish(self, fields):
+        k = md.TUPLE_LENGTH[self.output_kind]
+        if len(fields) != k:
+            raise ValueError(
+                f"{self.path}: the layout decodes to {len(fields)} tensors, expected {k} for "
+                f"{self.output_kind}")
+        self.num_pos_pairs = self.num_neg_pairs = self.num_triplets = 0
+        if self.output_kind == "triplets":
+            self.num_triplets = int(fields[0].shape[0])
+        elif self.output_kind == "pairs":
+            self.num_pos_pairs = int(fields[0].shape[0])
+            self.num_neg_pairs = int(fields[2].shape[0])
+        if self.output_kind == "subset":
+            return fields[0]
+        return tuple(fields)
+
+    # ------------------------------------------------------------------ IOBinding
+
+    def _prepare_bound(self, x, name: str, want_float: bool, n_rows: Optional[int], emb_name: str):
+        """Validate one input of the IOBinding path without leaving its device.
+
+        Device arrays (torch tensors, DLPack objects) stay where they are; host arrays
+        (numpy, lists: typical for labels) are validated with numpy and bound as CPU
+        inputs (ONNX Runtime copies them to the device).
+
+        Returns:
+            (the value to bind: a torch tensor cast/contiguous, a DLPack object or a numpy
+            array; its shape; its original dtype name)
+        """
+        import onnxruntime as ort
+        if x is None:
+            return None, None, ""
+        if _is_host(x):
+            arr = checks_np._as_array(x, name)
+            shape, kind, dtype_name = list(arr.shape), checks_np.dtype_kind(arr.dtype), str(arr.dtype)
+        elif _is_torch(x):
+            import torch
+            shape = list(x.shape)
+            kind = "f" if x.is_floating_point() else (
+                "b" if x.dtype == torch.bool else ("o" if x.is_complex() else "i"))
+            dtype_name = str(x.dtype)
+        else:
+            ov = ort.OrtValue.from_dlpack(x)
+            shape = list(ov.shape())
+            kind = checks_np.dtype_kind(ov.data_type())
+            dtype_name = ov.data_type()
+        if want_float:
+            checks_np.check_embeddings_meta(shape, kind, dtype_name, name)
+        else:
+            checks_np.check_labels_meta(shape, kind, dtype_name, name, n_rows, emb_name)
+        want = self.dtype if want_float else np.dtype(np.int64)
+        if _is_host(x):
+            if want_float and self.check_finite:
+                checks_np.check_finite(arr, name)
+            return np.ascontiguousarray(arr, dtype=want), shape, dtype_name
+        if _is_torch(x):
+            import torch
+            target = (torch.float16 if self.dtype == np.float16 else torch.float32) \
+                if want_float else torch.int64
+            x = x.detach().to(target).contiguous()
+            if want_float and self.check_finite and x.numel() > 0 \
+                    and not bool(torch.isfinite(x).all()):
+                bad = torch.logical_not(torch.isfinite(x)).any(dim=1)
+                rows = torch.nonzero(bad).flatten()[:5].tolist()
+                raise ValueError(f"{name} contains NaN or inf values (first bad rows: {rows})")
+            return x, shape, dtype_name
+        if np.dtype(_ONNX_TO_NP.get(dtype_name, np.void)) != want:
+            raise ValueError(f"{name}: a DLPack input must already have dtype {want.name} "
+                             f"(or pass a torch tensor, which is cast), got {dtype_name}")
+        device = x.__dlpack_device__()[0]
+        if want_float and self.check_finite and device in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+            checks_np.check_finite(np.from_dlpack(x), name)
+        return x, shape, dtype_name
+
+    @staticmethod
+    def _bind(binding, name: str, value) -> Any:
+        """Bind a host array (copied by ONNX Runtime) or a device array (zero-copy);
+        returns what must stay alive until the run ends."""
+        import onnxruntime as ort
+        if isinstance(value, np.ndarray):
+            value = np.ascontiguousarray(value)
+            binding.bind_cpu_input(name, value)
+            return value
+        if _is_torch(value):
+            value = value.contiguous()
+        ov = ort.OrtValue.from_dlpack(value)
+        binding.bind_ortvalue_input(name, ov)
+        return (value, ov)
+
+    def _call_bound(self, embeddings, labels, ref_emb, ref_labels, seed, noise,
+                    return_raw: bool, device_output: bool):
+        checks_np.check_ref_given(ref_emb, ref_labels)
+        emb, emb_shape, emb_dt = self._prepare_bound(embeddings, "embeddings", True, None, "")
+        n = int(emb_shape[0])
+        lab, _, _ = self._prepare_bound(labels, "labels", False, n, "embeddings")
+        ref, ref_shape, ref_dt = self._prepare_bound(ref_emb, "ref_emb", True, None, "")
+        if ref is not None:
+            checks_np.check_pair_meta(emb_shape, emb_dt, ref_shape, ref_dt)
+        m = n if ref is None else int(ref_shape[0])
+        ref_lab, _, _ = self._prepare_bound(ref_labels, "ref_labels", False, m, "ref_emb")
+        self._check_graph_args(emb_shape, ref is not None)
+        torch_in = _is_torch(emb)
+        if device_output and not torch_in:
+            raise ValueError("device_output=True decodes with torch: pass torch tensors")
+        noise_arr = self._noise(n, m, seed, noise)
+        if n == 0 or m == 0:
+            if return_raw:
+                return self._empty(n, m, True)
+            return self._empty(n, m, False, like=emb if device_output else None)
+        dev_type, dev_id = emb.__dlpack_device__()
+        out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
+
+        def run(s: int, e: int):
+            binding = self.session.io_binding()
+            keep = [self._bind(binding, "embeddings", emb if (s, e) == (0, n) else emb[s:e]),
+                    self._bind(binding, "labels", lab if (s, e) == (0, n) else lab[s:e])]
+            if ref is not None:
+                keep.append(self._bind(binding, "ref_emb", ref))
+                keep.append(self._bind(binding, "ref_labels", ref_lab))
+            if noise_arr is not None:
+                binding.bind_cpu_input("noise", noise_arr)
+            for name in self.output_names:
+                binding.bind_output(name, out_device, dev_id if out_device == "cuda" else 0)
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            outs = binding.get_outputs()
+            del keep  # the inputs had to outlive the run
+            return [outs[i] for i in range(len(self.output_names))]
+
+        if return_raw:
+            return run(0, n)
+        per = self._rows_per_block(n, m) if (self.chunk_size or self.max_block_elements) else n
+        blocks = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            outs = run(s, e)
+            if device_output:
+                import torch
+                from ..decode import decode as decode_torch
+                tens = [torch.from_dlpack(o) for o in outs]
+                if self.compact:
+                    fields = [t.to(torch.int64) for t in tens]
+                else:
+                    fields = decode_torch(tens, self.layout)
+            else:
+                fields = self._decode_np([o.numpy() for o in outs])
+            blocks.append((s, fields))
+        if device_output:
+            import torch
+            return self._finish(self._join(blocks, torch.cat, lambda a, s: a + s))
+        return self._finish(self._join(blocks, np.concatenate, lambda a, s: a + s))

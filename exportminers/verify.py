@@ -1,0 +1,183 @@
+"""Check an exported graph against the eager miner (used by ``exportminers export`` and the
+tests).
+
+Deterministic miners: the ONNX Runtime tuples must equal the eager tuples as multisets,
+except tuples whose decision is numerically borderline. "Borderline" is measured, not
+guessed per miner: the eager miner is re-run on inputs perturbed by a relative ``eps``
+(:data:`PERTURBATION`); every tuple that appears or disappears under some perturbation
+is sensitive, and only sensitive tuples may differ between the graph and eager. Float32
+graphs differ from eager by ~1e-6, far below the 1e-4 perturbation, so real bugs still
+show up as insensitive differences.
+
+Random miners: the same check with the same noise fed to both (the kernel is
+deterministic given its noise), plus validity of every tuple (labels agree/disagree,
+no self-pairs in self-mining, indices in range) and reproducibility of ``seed=``.
+"""
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .decode import decode
+from .runtime import OnnxMiner
+from .utils.checks import check_inputs
+
+PERTURBATION = {"float32": 1e-4, "float16": 1e-2}
+_TRIALS = 4
+
+
+def random_batch(n: int, d: int, m: Optional[int] = None, seed: int = 0,
+                 dtype=np.float32, num_classes: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Normal embeddings and labels with about 4 samples per class (``m``: a ref set too)."""
+    rng = np.random.default_rng(seed)
+    out = {"embeddings": rng.standard_normal((n, d)).astype(dtype),
+           "labels": rng.integers(0, num_classes or max(2, n // 4), n).astype(np.int64)}
+    if m is not None:
+        out["ref_emb"] = rng.standard_normal((m, d)).astype(dtype)
+        out["ref_labels"] = rng.integers(0, num_classes or max(2, m // 4), m).astype(np.int64)
+    return out
+
+
+def eager_tuples(miner: torch.nn.Module, batch: Dict[str, np.ndarray],
+                 noise: Optional[np.ndarray] = None) -> List[np.ndarray]:
+    """The eager miner's index tuples as numpy arrays (random miners: from ``noise``)."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    args = (t["embeddings"], t["labels"], t.get("ref_emb"), t.get("ref_labels"))
+    with torch.no_grad():
+        if noise is None:
+            out = miner(*args)
+        else:
+            emb, lab, ref, ref_lab = check_inputs(*args)
+            out = decode(miner.kernel(emb, lab, ref, ref_lab, torch.from_numpy(noise)),
+                         miner.layout)
+    if isinstance(out, torch.Tensor):
+        out = [out]
+    return [o.numpy().astype(np.int64) for o in out]
+
+
+def as_multisets(fields: Sequence[np.ndarray], kind: str) -> List[Counter]:
+    """Tuples as multisets: one for triplets/subset, (positive, negative) pairs for pairs."""
+    f = [np.asarray(x).tolist() for x in fields]
+    if kind == "pairs":
+        return [Counter(zip(f[0], f[1])), Counter(zip(f[2], f[3]))]
+    return [Counter(zip(*f))]
+
+
+def _symdiff(a: List[Counter], b: List[Counter]) -> List[Counter]:
+    return [(x - y) + (y - x) for x, y in zip(a, b)]
+
+
+def sensitive_tuples(miner, batch: Dict[str, np.ndarray], kind: str, eps: float,
+                     noise: Optional[np.ndarray] = None, seed: int = 0,
+                     base: Optional[List[Counter]] = None) -> List[Counter]:
+    """Tuples that flip when the embeddings move by a relative ``eps`` (union of trials)."""
+    base = base if base is not None else as_multisets(eager_tuples(miner, batch, noise), kind)
+    rng = np.random.default_rng(10_000 + seed)
+    union = [Counter() for _ in base]
+    for _ in range(_TRIALS):
+        moved = dict(batch)
+        for key in ("embeddings", "ref_emb"):
+            if key in batch:
+                x = batch[key].astype(np.float64)
+                scale = float(np.sqrt(np.mean(x * x))) if x.size else 1.0
+                moved[key] = (x + eps * scale * rng.standard_normal(x.shape)).astype(batch[key].dtype)
+        diff = _symdiff(base, as_multisets(eager_tuples(miner, moved, noise), kind))
+        union = [u | d for u, d in zip(union, diff)]
+    return union
+
+
+def compare(graph_fields, eager_fields, kind: str, sensitive: Optional[List[Counter]] = None
+            ) -> Tuple[bool, Dict[str, Any]]:
+    """Graph vs eager tuples; differences allowed only inside ``sensitive``."""
+    g = as_multisets(graph_fields, kind)
+    e = as_multisets(eager_fields, kind)
+    diff = _symdiff(g, e)
+    n_diff = sum(sum(d.values()) for d in diff)
+    allowed = 0
+    ok = True
+    for d, s in zip(diff, sensitive or [Counter() for _ in diff]):
+        for key, count in d.items():
+            if s.get(key, 0) > 0:
+                allowed += count
+            else:
+                ok = False
+    info = {"tuples": sum(sum(c.values()) for c in e), "differ": n_diff, "borderline": allowed}
+    return ok, info
+
+
+def valid_tuples(fields: Sequence[np.ndarray], kind: str, batch: Dict[str, np.ndarray]) -> bool:
+    """Every tuple is one PML could return: right labels, in range, no self-pairs."""
+    labels = batch["labels"]
+    with_ref = "ref_emb" in batch
+    ref_labels = batch["ref_labels"] if with_ref else labels
+    n, m = len(labels), len(ref_labels)
+    f = [np.asarray(x, dtype=np.int64) for x in fields]
+    if kind == "subset":
+        return bool(((f[0] >= 0) & (f[0] < n)).all())
+
+    def pair_ok(a, b, same: bool) -> bool:
+        if a.size == 0:
+            return True
+        if a.min() < 0 or a.max() >= n or b.min() < 0 or b.max() >= m:
+            return False
+        eq = labels[a] == ref_labels[b]
+        if not same:
+            return bool((~eq).all())
+        return bool(eq.all()) and (with_ref or bool((a != b).all()))
+
+    if kind == "pairs":
+        return pair_ok(f[0], f[1], True) and pair_ok(f[2], f[3], False)
+    return pair_ok(f[0], f[1], True) and pair_ok(f[0], f[2], False)
+
+
+def verify_graph(miner: torch.nn.Module, path: str, sizes: Sequence[int] = (12, 20),
+                 ref_sizes: Sequence[int] = (15, 9), seed: int = 0,
+                 providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run an exported graph with ONNX Runtime at several batch sizes against eager.
+
+    Returns:
+        ``{"ok": bool, "runs": [per size: {"n", "m", "tuples", "differ", "borderline",
+        "ok", ...}], "error": message or None}``.
+    """
+    om = OnnxMiner(path, providers=providers or ["CPUExecutionProvider"])
+    kind = om.output_kind
+    d = om.embedding_dim or 8
+    dtype = np.float16 if om.dtype == np.float16 else np.float32
+    eps = PERTURBATION["float16" if dtype == np.float16 else "float32"]
+    mult = om.batch_multiple
+    runs: List[Dict[str, Any]] = []
+    ok_all = True
+    for i, n in enumerate(sizes):
+        n = -(-n // mult) * mult
+        m = ref_sizes[i % len(ref_sizes)] if om.with_ref else None
+        batch = random_batch(n, d, m, seed=seed + i, dtype=dtype)
+        args = [batch["embeddings"], batch["labels"]]
+        if om.with_ref:
+            args += [batch["ref_emb"], batch["ref_labels"]]
+        noise = None
+        if om.is_random:
+            noise = np.random.default_rng(seed + 100 + i).random(
+                om.noise_shape(n, m if m is not None else n))
+        got = om(*args, noise=noise)
+        got = [got] if isinstance(got, np.ndarray) else list(got)
+        want = eager_tuples(miner, batch, noise)
+        ok, info = compare(got, want, kind)
+        if not ok:
+            sens = sensitive_tuples(miner, batch, kind, eps, noise, seed=seed + i)
+            ok, info = compare(got, want, kind, sens)
+        info.update({"n": n, "m": m if m is not None else n})
+        if om.is_random:
+            valid = valid_tuples(got, kind, batch)
+            again = om(*args, seed=seed + 7)
+            again2 = OnnxMiner(path, providers=providers or ["CPUExecutionProvider"])(
+                *args, seed=seed + 7)
+            again = [again] if isinstance(again, np.ndarray) else list(again)
+            again2 = [again2] if isinstance(again2, np.ndarray) else list(again2)
+            repro = all(np.array_equal(x, y) for x, y in zip(again, again2))
+            info.update({"valid": valid, "reproducible": repro})
+            ok = ok and valid and repro
+        info["ok"] = ok
+        ok_all = ok_all and ok
+        runs.append(info)
+    return {"ok": ok_all, "runs": runs, "error": None}

@@ -1,0 +1,239 @@
+"""ONNX export: every registry miner and configuration exports once and runs on ONNX
+Runtime (CPU) at several batch sizes with the eager miner's tuples.
+
+Graphs are exported once per (miner, config, variant) and cached for the session, as in
+torchvision's ONNX tests (export at one input size, run at others). Comparisons go
+through :func:`exportminers.verify.verify_graph`: deterministic miners must match eager
+exactly except tuples whose decision flips under a 1e-4 relative input perturbation;
+random miners get the same noise as eager.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import exportminers
+from exportminers import export, registry
+from exportminers.runtime import OnnxMiner
+from exportminers.runtime import metadata as md
+from exportminers.verify import compare, eager_tuples, random_batch, sensitive_tuples, verify_graph
+
+import onnx_graph_cache
+
+D = onnx_graph_cache.D
+AVAILABLE = [n for n in registry.MINERS if hasattr(exportminers.miners, n)]
+CASES = [pytest.param(n, i, id=f"{n}-{i}")
+         for n in AVAILABLE for i in range(len(registry.MINERS[n].configs))]
+FIRST = [pytest.param(n, id=n) for n in AVAILABLE]
+REF_MINERS = [pytest.param(n, id=n) for n in AVAILABLE if n not in export.SELF_ONLY]
+HALF_MINERS = [n for n in ("TripletMarginMiner", "PairMarginMiner") if n in AVAILABLE]
+# Graphs that must stay free of shape-computing nodes (GPU_FACTS.md: strict CUDA placement).
+SHAPE_FREE = [n for n in ("TripletMarginMiner", "PairMarginMiner", "BatchHardMiner",
+                          "MultiSimilarityMiner", "EmbeddingsAlreadyPackagedAsTriplets")
+              if n in AVAILABLE]
+
+# Kernel limitations known when these tests were written: the exporter had to fix an axis
+# because the kernel turns that size into a Python number. Each case xfails (not strict):
+# once the kernel is fixed the test simply passes.
+KNOWN_FIXED_AXES = {
+    ("AngularMiner", 1): "angular_miner: `d = float(a.size(1))` fixes D",
+    ("DistanceWeightedMiner", 1): "distance_weights: `d = float(dim)` fixes D",
+}
+
+
+def _known_or_raise(name: str, err: BaseException) -> None:
+    text = str(err)
+    for (miner, axis), why in KNOWN_FIXED_AXES.items():
+        if miner == name and f"embeddings.shape[{axis}]" in text and "exporter fixed" in text:
+            pytest.xfail(f"known kernel limitation: {why}")
+    raise err
+
+
+@pytest.fixture(scope="session")
+def graphs():
+    """``get(name, cfg, with_ref=False, dtype=float32, embedding_dim=D, compact=False,
+    xfail_known=True)`` -> (miner, path), from the session-wide export cache."""
+
+    def get(name, cfg=0, xfail_known=True, **kwargs):
+        try:
+            return onnx_graph_cache.graph(name, cfg, **kwargs)
+        except Exception as e:
+            if xfail_known:
+                _known_or_raise(name, e)
+            raise
+
+    return get
+
+
+def _assert_verified(report):
+    assert report["ok"], json.dumps(report["runs"], indent=1)
+
+
+def _dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+# ------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("name,cfg", CASES)
+def test_parity_self(graphs, name, cfg):
+    miner, path = graphs(name, cfg)
+    counts = export.op_types(path)
+    assert not export.FORBIDDEN_OPS.intersection(counts), counts
+    _assert_verified(verify_graph(miner, path, sizes=(12, 20), seed=cfg))
+
+
+def _ref_graph(name):
+    """with_ref graph, dynamic width (fixed where a known kernel limitation fixes it)."""
+    return onnx_graph_cache.ref_graph(name, {m for m, axis in KNOWN_FIXED_AXES if axis == 1})
+
+
+@pytest.mark.parametrize("name", REF_MINERS)
+def test_parity_with_ref(graphs, name):
+    miner, path = _ref_graph(name)
+    model = onnx.load(path)
+    assert [i.name for i in model.graph.input][:4] == ["embeddings", "labels", "ref_emb", "ref_labels"]
+    assert _dims(model.graph.input[2])[0] == "M"
+    # anchor count differs from the reference count, and both differ from the export's
+    _assert_verified(verify_graph(miner, path, sizes=(12, 20), ref_sizes=(17, 7), seed=3))
+
+
+@pytest.mark.parametrize("name", sorted(export.SELF_ONLY & set(AVAILABLE)))
+def test_self_only_miners_reject_with_ref(name, tmp_path):
+    miner = export.build_miner(name, registry.MINERS[name].configs[0])
+    with pytest.raises(ValueError, match="with_ref"):
+        export.export_onnx(miner, tmp_path / "x.onnx", with_ref=True)
+
+
+@pytest.mark.parametrize("name", HALF_MINERS)
+def test_float16(graphs, name):
+    miner, path = graphs(name, 0, dtype=torch.float16)
+    model = onnx.load(path)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert OnnxMiner(path).dtype == np.float16
+    _assert_verified(verify_graph(miner, path, sizes=(12, 20), seed=5))
+
+
+@pytest.mark.parametrize("name", FIRST)
+def test_dynamic_embedding_dim(graphs, name):
+    """embedding_dim=None keeps D dynamic (checked on the with_ref graph where there is one)."""
+    with_ref = name not in export.SELF_ONLY
+    miner, path = graphs(name, 0, with_ref=with_ref, embedding_dim=None)
+    assert _dims(onnx.load(path).graph.input[0]) == ["N", "D"]
+    om = OnnxMiner(path, seed=0)
+    for d in (5, 11):
+        batch = random_batch(12, d, m=10 if with_ref else None, seed=d)
+        args = [batch[k] for k in ("embeddings", "labels", "ref_emb", "ref_labels") if k in batch]
+        noise = None
+        if om.is_random:
+            noise = np.random.default_rng(d).random(om.noise_shape(12, 10 if with_ref else 12))
+        got = om(*args, noise=noise)
+        got = [got] if isinstance(got, np.ndarray) else list(got)
+        want = eager_tuples(miner, batch, noise)
+        ok, info = compare(got, want, om.output_kind)
+        if not ok:
+            ok, info = compare(got, want, om.output_kind,
+                               sensitive_tuples(miner, batch, om.output_kind, 1e-4, noise))
+        assert ok, (d, info)
+
+
+# ------------------------------------------------------------------------ graph content
+
+
+@pytest.mark.parametrize("name", SHAPE_FREE)
+def test_no_shape_nodes(graphs, name):
+    """Default graphs of the simple miners compute no shapes (strict CUDA placement)."""
+    _, path = graphs(name, 0)
+    counts = export.op_types(path)
+    assert not export.SHAPE_OPS.intersection(counts), counts
+    assert "Expand" not in counts, counts
+
+
+@pytest.mark.parametrize("name", FIRST)
+def test_metadata(graphs, name):
+    miner, path = graphs(name, 0)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = md.decode(props)
+    assert meta[md.VERSION] == exportminers.__version__
+    assert meta[md.MINER] == name
+    assert meta[md.LAYOUT] == [list(p) for p in miner.layout]
+    assert meta[md.INPUTS] == [i.name for i in model.graph.input]
+    assert meta[md.OUTPUTS] == [o.name for o in model.graph.output]
+    assert meta[md.OUTPUT_KIND] == registry.MINERS[name].output
+    assert meta[md.WITH_REF] is False and meta[md.DTYPE] == "float32"
+    assert meta[md.EMBEDDING_DIM] == D
+    for key, value in registry.MINERS[name].configs[0].items():
+        assert meta[md.CONFIG][key] == value, key
+    assert "distance" in meta[md.CONFIG] or name == "EmbeddingsAlreadyPackagedAsTriplets"
+    assert _dims(model.graph.input[0])[0] == "N"
+    assert _dims(model.graph.input[1]) == ["N"]
+    if registry.MINERS[name].random:
+        noise = model.graph.input[-1]
+        assert noise.name == "noise"
+        assert noise.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+        assert _dims(noise) == meta[md.NOISE_SHAPE]
+        assert meta[md.NOISE_SHAPE] == export.noise_spec(miner, False)
+    else:
+        assert meta[md.NOISE_SHAPE] == []
+    assert export.read_metadata(path)[md.MINER] == name
+
+
+@pytest.mark.parametrize("name", [n for n in ("PairMarginMiner", "BatchHardMiner")
+                                  if n in AVAILABLE])
+def test_compact(graphs, name):
+    miner, path = graphs(name, 0, compact=True)
+    assert "NonZero" in export.op_types(path)
+    model = onnx.load(path)
+    assert json.loads({p.key: p.value for p in model.metadata_props}[md.COMPACT]) is True
+    om = OnnxMiner(path)
+    for n in (9, 16):
+        batch = random_batch(n, D, seed=n)
+        got = om(batch["embeddings"], batch["labels"])
+        want = eager_tuples(miner, batch)
+        ok, info = compare(got, want, om.output_kind)
+        if not ok:
+            ok, info = compare(got, want, om.output_kind,
+                               sensitive_tuples(miner, batch, om.output_kind, 1e-4))
+        assert ok, info
+
+
+def test_forbidden_ops_are_detected():
+    """The walker sees nodes inside subgraphs and functions too."""
+    inner = onnx.helper.make_graph([onnx.helper.make_node("NonZero", ["c"], ["z"])], "g", [], [])
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "m", [], []))
+    assert export.op_types(model) == {"If": 1, "NonZero": 2}
+
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def test_export_argument_checks(tmp_path):
+    miner = exportminers.miners.PairMarginMiner()
+    with pytest.raises(ValueError, match="dtype"):
+        export.export_onnx(miner, tmp_path / "a.onnx", dtype=torch.float64)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        export.export_onnx(miner, tmp_path / "a.onnx", embedding_dim=0)
+    with pytest.raises(ValueError, match="opset"):
+        export.export_onnx(miner, tmp_path / "a.onnx", opset="18")
+
+    class Custom(exportminers.miners.BaseMiner):
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            return exportminers.utils.loss_and_miner_utils.get_all_triplets_indices(labels)
+
+    with pytest.raises(ValueError, match="kernel"):
+        export.export_onnx(Custom(), tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_export_returns_path_and_opset(tmp_path):
+    miner = exportminers.miners.PairMarginMiner()
+    out = export.export_onnx(miner, tmp_path / "sub" / "pm.onnx", embedding_dim=4, opset=18)
+    assert out == str(tmp_path / "sub" / "pm.onnx")
+    model = onnx.load(out)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [18]

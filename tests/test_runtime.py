@@ -1,0 +1,479 @@
+"""The torch-free runtime: numpy decode and checks, OnnxMiner (validation, empty batches,
+noise and seeds, anchor chunking, IOBinding/DLPack inputs), a run with torch unimportable,
+and (where ONNX Runtime has CUDA) strict GPU placement."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import exportminers
+from exportminers import export, registry
+from exportminers.decode import decode as decode_torch
+from exportminers.runtime import OnnxMiner, checks_np, decode_np
+from exportminers.runtime import metadata as md
+from exportminers.verify import as_multisets, eager_tuples, random_batch
+
+import onnx_graph_cache
+
+D = onnx_graph_cache.D
+ROW_MINERS = [n for n in ("PairMarginMiner", "TripletMarginMiner", "BatchHardMiner",
+                          "BatchEasyHardMiner", "MultiSimilarityMiner")
+              if hasattr(exportminers.miners, n)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    """``get(name, with_ref=False, cfg=0)`` -> (miner, path) from the session-wide cache
+    (with_ref graphs have a dynamic embedding width)."""
+
+    def get(name, with_ref=False, cfg=0):
+        if with_ref and cfg == 0:
+            return onnx_graph_cache.ref_graph(name)
+        return onnx_graph_cache.graph(name, cfg, with_ref=with_ref)
+
+    return get
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------ decode_np
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((5, 7), [[0, -1, -2], [1, -1, -2]]),
+    ((4, 6, 6), [[0, -1, -2, -3]]),
+    ((6,), [[0, -1, 1, 2]]),
+    ((3, 4), [[0, 1, 2], [1, -2, 2]]),
+])
+def test_decode_np_matches_torch_decode(shape, layout):
+    rng = np.random.default_rng(0)
+    for density in (0.0, 0.3, 1.0):
+        outs = [rng.random(shape) < density, rng.random(shape) < 0.5]
+        # integer fields: full shape, and broadcast along the last axes
+        outs.append(rng.integers(0, 50, shape))
+        outs.append(rng.integers(0, 50, shape[:1] + (1,) * (len(shape) - 1)))
+        if len(shape) == 1:
+            outs[2] = rng.integers(0, 50, shape)
+        want = decode_torch([torch.from_numpy(o) for o in outs], layout)
+        got = decode_np.decode(outs, layout)
+        assert all(g.dtype == np.int64 for g in got)
+        assert _same(got, [w.numpy() for w in want])
+
+
+def test_decode_np_rank_mismatch():
+    with pytest.raises(ValueError, match="rank"):
+        decode_np.decode([np.ones((2, 2), bool), np.ones(2, np.int64)], [[0, 1]])
+
+
+# ------------------------------------------------------------------------ checks_np
+
+
+BAD_INPUTS = [
+    ("rank", lambda x, y: (x[0], y), "embeddings"),
+    ("n mismatch", lambda x, y: (x, y[:-1]), "labels"),
+    ("float labels", lambda x, y: (x, y.astype(np.float32)), "labels"),
+    ("bool labels", lambda x, y: (x, y > 0), "labels"),
+    ("2-D labels", lambda x, y: (x, y[:, None]), "labels"),
+    ("int embeddings", lambda x, y: (x.astype(np.int64), y), "embeddings"),
+    ("nan", lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 9, np.nan, x).astype(x.dtype), y), "embeddings"),
+    ("inf", lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 3, np.inf, x).astype(x.dtype), y), "embeddings"),
+]
+
+
+@pytest.mark.parametrize("what,make,arg", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_checks_np_twin_of_torch_checks(what, make, arg):
+    from exportminers.utils.checks import check_inputs
+    b = random_batch(6, 4, seed=1)
+    x, y = make(b["embeddings"], b["labels"])
+    with pytest.raises(ValueError) as np_err:
+        checks_np.check_inputs(x, y)
+    with pytest.raises(ValueError) as torch_err:
+        check_inputs(torch.from_numpy(np.ascontiguousarray(x)),
+                     torch.from_numpy(np.ascontiguousarray(y)), None, None)
+    assert str(np_err.value).startswith(arg)
+    # same message up to dtype spelling (numpy "float32" vs torch "torch.float32")
+    assert str(np_err.value) == str(torch_err.value).replace("torch.", "")
+
+
+def test_checks_np_ref_arguments():
+    b = random_batch(6, 4, m=5, seed=2)
+    x, y, r, ry = b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"]
+    for args, arg in [((x, y, r, None), "ref_emb"), ((x, y, None, ry), "ref_labels"),
+                      ((x, y, r[:, :3], ry), "ref_emb"), ((x, y, r, ry[:2]), "ref_labels"),
+                      ((x, y, r.astype(np.float64), ry), "ref_emb"), ((x, y, r[0], ry), "ref_emb")]:
+        with pytest.raises(ValueError) as err:
+            checks_np.check_inputs(*args)
+        assert str(err.value).startswith(arg), str(err.value)
+    _, lab, _, rl = checks_np.check_inputs(x, y.astype(np.int32), r, ry.astype(np.uint8))
+    assert lab.dtype == np.int64 and rl.dtype == np.int64
+
+
+# ------------------------------------------------------------------------ OnnxMiner
+
+
+def test_onnx_miner_basics(graphs):
+    miner, path = graphs("PairMarginMiner")
+    om = OnnxMiner(path)
+    assert om.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert om.miner_name == "PairMarginMiner" and om.output_kind == "pairs"
+    assert om.embedding_dim == D and not om.with_ref and not om.is_random
+    assert "PairMarginMiner" in repr(om)
+    b = random_batch(14, D, seed=4)
+    out = om(b["embeddings"], b["labels"])
+    assert isinstance(out, tuple) and len(out) == 4
+    assert all(isinstance(o, np.ndarray) and o.dtype == np.int64 for o in out)
+    assert as_multisets(out, "pairs") == as_multisets(eager_tuples(miner, b), "pairs")
+    assert om.num_pos_pairs == len(out[0]) and om.num_neg_pairs == len(out[2])
+    # float64 / list inputs are accepted and cast, as eager accepts any float dtype
+    out64 = om(b["embeddings"].astype(np.float64), b["labels"].tolist())
+    assert len(out64) == 4
+    raw = om(b["embeddings"], b["labels"], return_raw=True)
+    assert [r.shape for r in raw] == [(14, 14), (14, 14)] and raw[0].dtype == np.bool_
+
+
+@pytest.mark.parametrize("name,with_ref", [("PairMarginMiner", False), ("TripletMarginMiner", True),
+                                           ("BatchHardMiner", True)])
+def test_empty_batch(graphs, name, with_ref):
+    _, path = graphs(name, with_ref)
+    om = OnnxMiner(path)
+    k = 4 if registry.MINERS[name].output == "pairs" else 3
+    e = np.zeros((0, D), np.float32)
+    el = np.zeros(0, np.int64)
+    full = random_batch(5, D, m=5, seed=0)
+    cases = [(e, el)] if not with_ref else [(e, el, full["ref_emb"], full["ref_labels"]),
+                                            (full["embeddings"], full["labels"], e, el)]
+    for args in cases:
+        out = om(*args)
+        assert len(out) == k and all(o.shape == (0,) and o.dtype == np.int64 for o in out)
+        out = om(*[torch.from_numpy(a) for a in args], device_output=True)
+        assert all(isinstance(o, torch.Tensor) and o.numel() == 0 for o in out)
+        raw = om(*args, return_raw=True)
+        assert len(raw) == len(om.output_names)
+
+
+def _bad_calls(b, rb):
+    x, y = b["embeddings"], b["labels"]
+    return [
+        ("embeddings", (x[0], y)),
+        ("embeddings", (x.astype(np.int32), y)),
+        ("embeddings", (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype(np.float32), y)),
+        ("embeddings", (x[:, :5], y)),                      # wrong width for the graph
+        ("labels", (x, y[:-1])),
+        ("labels", (x, y.astype(np.float32))),
+        ("labels", (x, y[:, None])),
+        ("ref_emb", (x, y, rb["ref_emb"], rb["ref_labels"])),  # self graph given a ref set
+        ("ref_labels", (x, y, None, rb["ref_labels"])),
+    ]
+
+
+def test_bad_inputs_raise_value_error_naming_the_argument(graphs):
+    _, path = graphs("TripletMarginMiner")
+    om = OnnxMiner(path)
+    b = random_batch(9, D, seed=1)
+    rb = random_batch(9, D, m=7, seed=2)
+    for arg, args in _bad_calls(b, rb):
+        with pytest.raises(ValueError) as err:
+            om(*args)
+        assert str(err.value).startswith(arg), (arg, str(err.value))
+        # the IOBinding path (torch tensors) validates the same way
+        targs = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+        with pytest.raises(ValueError) as err:
+            om(*targs)
+        assert str(err.value).startswith(arg), (arg, str(err.value))
+
+
+def test_bad_inputs_with_ref_graph(graphs):
+    _, path = graphs("TripletMarginMiner", with_ref=True)
+    om = OnnxMiner(path)
+    b = random_batch(9, D, m=7, seed=1)
+    x, y, r, ry = b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"]
+    nan_r = r.copy()
+    nan_r[3, 1] = np.inf
+    for arg, args in [("ref_emb", (x, y)), ("ref_emb", (x, y, nan_r, ry)),
+                      ("ref_emb", (x, y, r[:, :4], ry)), ("ref_labels", (x, y, r, ry[:3])),
+                      ("ref_emb", (x, y, r.astype(np.float64), ry))]:
+        with pytest.raises(ValueError) as err:
+            om(*args)
+        assert str(err.value).startswith(arg), str(err.value)
+
+
+def test_batch_multiple(graphs):
+    if not hasattr(exportminers.miners, "EmbeddingsAlreadyPackagedAsTriplets"):
+        pytest.skip("EmbeddingsAlreadyPackagedAsTriplets not available yet")
+    miner, path = graphs("EmbeddingsAlreadyPackagedAsTriplets")
+    om = OnnxMiner(path)
+    b = random_batch(10, D)
+    with pytest.raises(ValueError, match="multiple of 3") as err:
+        om(b["embeddings"], b["labels"])
+    with pytest.raises(ValueError) as eager_err:
+        miner(torch.from_numpy(b["embeddings"]), torch.from_numpy(b["labels"]))
+    assert str(err.value) == str(eager_err.value)
+    a, p, n = om(b["embeddings"][:9], b["labels"][:9])
+    assert a.tolist() == [0, 3, 6] and p.tolist() == [1, 4, 7] and n.tolist() == [2, 5, 8]
+
+
+def test_not_an_exportminers_graph(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(ValueError, match="not an exportminers graph"):
+        OnnxMiner(tmp_path / "plain.onnx")
+    with pytest.raises(ValueError, match="not a file"):
+        OnnxMiner(tmp_path / "missing.onnx")
+
+
+# ------------------------------------------------------------------------ noise and seeds
+
+
+@pytest.fixture(scope="module")
+def random_graph(graphs):
+    for name in ("DistanceWeightedMiner", "UniformHistogramMiner"):
+        if hasattr(exportminers.miners, name):
+            return graphs(name, cfg=len(registry.MINERS[name].configs) - 1)
+    pytest.skip("no random miner available")
+
+
+def test_seeds_reproduce(random_graph):
+    miner, path = random_graph
+    b = random_batch(16, D, seed=3)
+    x, y = b["embeddings"], b["labels"]
+    first = OnnxMiner(path, seed=11)
+    second = OnnxMiner(path, seed=11)
+    r1, r2 = first(x, y), first(x, y)
+    assert _same(r1, second(x, y)) and _same(r2, second(x, y))  # same sequence
+    assert _same(first(x, y, seed=5), second(x, y, seed=5))     # a call's seed wins
+    assert len(first.noise_shape(16, 16)) > 0
+    noise = np.random.default_rng(0).random(first.noise_shape(16, 16))
+    got = first(x, y, noise=noise)
+    assert as_multisets(got, first.output_kind) == \
+        as_multisets(eager_tuples(miner, b, noise), first.output_kind)
+    with pytest.raises(ValueError, match="noise"):
+        first(x, y, noise=noise[..., :-1])
+
+
+def test_deterministic_graph_rejects_noise(graphs):
+    _, path = graphs("PairMarginMiner")
+    b = random_batch(6, D)
+    with pytest.raises(ValueError, match="noise"):
+        OnnxMiner(path)(b["embeddings"], b["labels"], noise=np.zeros(3))
+
+
+# ------------------------------------------------------------------------ chunking
+
+
+@pytest.mark.parametrize("name", ROW_MINERS)
+def test_chunked_equals_unchunked(graphs, name):
+    miner, path = graphs(name, with_ref=True)
+    b = random_batch(23, D, m=19, seed=7)
+    args = (b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"])
+    whole = OnnxMiner(path)(*args)
+    assert as_multisets(whole, registry.MINERS[name].output) == \
+        as_multisets(eager_tuples(miner, b), registry.MINERS[name].output)
+    for kw in ({"chunk_size": 1}, {"chunk_size": 5}, {"chunk_size": 100},
+               {"max_block_elements": 19 * 19 * 3}):
+        om = OnnxMiner(path, **kw)
+        assert _same(om(*args), whole), kw                       # identical, order included
+        targs = [torch.from_numpy(a) for a in args]
+        assert _same([t.numpy() for t in om(*targs, device_output=True)], whole), kw
+
+
+def test_chunking_needs_row_independent_with_ref_graph(graphs, tmp_path):
+    _, self_path = graphs("PairMarginMiner")
+    with pytest.raises(ValueError, match="with_ref=True"):
+        OnnxMiner(self_path, chunk_size=4)
+    _, ref_path = graphs("PairMarginMiner", with_ref=True)
+    model = onnx.load(ref_path)
+    for p in model.metadata_props:
+        if p.key == md.ROW_INDEPENDENT:
+            p.value = "false"
+    onnx.save(model, tmp_path / "global.onnx")
+    with pytest.raises(ValueError, match="independently"):
+        OnnxMiner(tmp_path / "global.onnx", max_block_elements=100)
+    with pytest.raises(ValueError, match="chunk_size"):
+        OnnxMiner(ref_path, chunk_size=0)
+    with pytest.raises(ValueError, match="not both"):
+        OnnxMiner(ref_path, chunk_size=2, max_block_elements=10)
+    assert OnnxMiner(ref_path, max_block_elements=1)._rows_per_block(10, 7) == 1
+
+
+def test_row_independence_flags():
+    assert export.ROW_INDEPENDENT.isdisjoint({"HDCMiner", "UniformHistogramMiner",
+                                              "DistanceWeightedMiner", "MaximumLossMiner"})
+    assert export.ROW_INDEPENDENT <= set(registry.MINERS)
+
+
+# ------------------------------------------------------------------------ IOBinding / DLPack
+
+
+def test_iobinding_with_torch_tensors(graphs):
+    miner, path = graphs("BatchHardMiner", with_ref=True)
+    om = OnnxMiner(path)
+    b = random_batch(13, D, m=11, seed=8)
+    t = [torch.from_numpy(b[k]) for k in ("embeddings", "labels", "ref_emb", "ref_labels")]
+    want = miner(*t)
+    host = om(*[x.numpy() for x in t])
+    assert _same(host, [w.numpy() for w in want])
+    # torch inputs: numpy outputs by default, torch tensors with device_output=True
+    assert _same(om(*t), host)
+    # device embeddings with host labels (bound as CPU inputs)
+    assert _same(om(t[0], b["labels"], t[2], b["ref_labels"].tolist()), host)
+    assert _same(OnnxMiner(path, chunk_size=4)(t[0], b["labels"], t[2], b["ref_labels"]), host)
+    dev = om(t[0].double(), t[1].int(), t[2].double(), t[3], device_output=True)
+    assert all(isinstance(d, torch.Tensor) and d.dtype == torch.int64 for d in dev)
+    assert _same([d.numpy() for d in dev], host)
+    raw = om(*t, return_raw=True)
+    assert all(isinstance(r, ort.OrtValue) for r in raw)
+    mask, pos, neg = [torch.from_dlpack(r) for r in raw]
+    assert mask.dtype == torch.bool and mask.shape == (13,)
+    assert _same(decode_torch([mask, pos, neg], miner.layout), want)
+
+
+def test_iobinding_with_generic_dlpack_arrays(graphs):
+    _, path = graphs("PairMarginMiner")
+    om = OnnxMiner(path)
+    b = random_batch(10, D, seed=9)
+    host = om(b["embeddings"], b["labels"])
+    x = ort.OrtValue.ortvalue_from_numpy(b["embeddings"])
+    y = ort.OrtValue.ortvalue_from_numpy(b["labels"])
+    assert _same(om(x, y), host)
+    with pytest.raises(ValueError, match="labels"):
+        om(x, ort.OrtValue.ortvalue_from_numpy(b["labels"].astype(np.int32)))
+    bad = b["embeddings"].copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
+        om(ort.OrtValue.ortvalue_from_numpy(bad), y)
+    with pytest.raises(ValueError, match="device_output"):
+        om(x, y, device_output=True)
+    with pytest.raises(ValueError, match="device_output"):
+        om(b["embeddings"], b["labels"], device_output=True)
+
+
+# ------------------------------------------------------------------------ torch-free
+
+
+def test_runs_without_torch(graphs, tmp_path):
+    """Export here, then in a child where ``import torch`` fails: import, run, decode."""
+    cases = {"pairs": graphs("PairMarginMiner")}
+    if hasattr(exportminers.miners, "DistanceWeightedMiner"):
+        cases["random"] = graphs("DistanceWeightedMiner")
+    b = random_batch(12, D, seed=12)
+    np.savez(tmp_path / "batch.npz", **b)
+    expected = {}
+    for key, (miner, path) in cases.items():
+        noise = None
+        if key == "random":
+            noise = np.random.default_rng(1).random(OnnxMiner(path).noise_shape(12, 12))
+            np.save(tmp_path / "noise.npy", noise)
+        expected[key] = [a.tolist() for a in eager_tuples(miner, b, noise)]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["torch"] = None          # any `import torch` now raises ImportError
+        import numpy as np
+        import exportminers
+        from exportminers import OnnxMiner
+        b = np.load({str(tmp_path / 'batch.npz')!r})
+        paths = {json.dumps({k: p for k, (m, p) in cases.items()})}
+        out = {{}}
+        for key, path in paths.items():
+            om = OnnxMiner(path, seed=0)
+            noise = np.load({str(tmp_path / 'noise.npy')!r}) if key == "random" else None
+            res = om(b["embeddings"], b["labels"], noise=noise)
+            out[key] = [a.tolist() for a in res]
+            om(b["embeddings"], b["labels"])                 # seeded noise path too
+            try:
+                om(b["embeddings"], b["labels"][:-1])
+            except ValueError as e:
+                assert str(e).startswith("labels"), e
+            else:
+                raise AssertionError("no ValueError")
+        assert not any(k == "torch" or k.startswith("torch.") for k, v in sys.modules.items()
+                       if v is not None)
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in cases:
+        kind = "pairs" if key == "pairs" else registry.MINERS["DistanceWeightedMiner"].output
+        assert as_multisets(got[key], kind) == as_multisets(expected[key], kind), key
+
+
+# ------------------------------------------------------------------------ CUDA
+
+
+def _placement(log: str):
+    """{execution provider: [op types]} from ONNX Runtime's verbose placement log."""
+    placed = {}
+    current = None
+    for line in log.splitlines():
+        if "VerifyEachNodeIsAssignedToAnEp" not in line:
+            continue
+        m = re.search(r"placed on \[(\w+)\]", line)
+        if m:
+            current = m.group(1)
+            placed.setdefault(current, [])
+            continue
+        m = re.search(r"\]\s{2,}(\w+) \(", line)
+        if m and current:
+            placed[current].append(m.group(1))
+    return placed
+
+
+SHAPE_ONLY_OPS = {"Shape", "Gather", "Squeeze", "Unsqueeze", "Concat", "Slice", "Reshape",
+                  "Cast", "Constant", "ConstantOfShape", "Range", "Mul", "Add", "Sub", "Div",
+                  "Identity"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ROW_MINERS)
+def test_cuda_strict_placement_and_parity(graphs, name, capfd):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("ONNX Runtime has no CUDAExecutionProvider here")
+    miner, path = graphs(name, with_ref=True)
+    counts = export.op_types(path)
+    # verbose placement log: only small shape nodes may sit on the CPU
+    so = ort.SessionOptions()
+    so.log_severity_level = 0
+    capfd.readouterr()
+    ort.InferenceSession(path, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    placed = _placement(capfd.readouterr().err)
+    on_cpu = placed.get("CPUExecutionProvider", [])
+    assert placed, "no placement lines in the verbose log"
+    assert set(on_cpu) <= SHAPE_ONLY_OPS, on_cpu
+    if not export.SHAPE_OPS.intersection(counts):
+        assert not on_cpu, on_cpu
+    # strict session: every node on CUDA (no CPU fallback allowed)
+    strict = ort.SessionOptions()
+    strict.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        om = OnnxMiner(path, providers=["CUDAExecutionProvider"], session_options=strict)
+        assert om.providers == ["CUDAExecutionProvider"]
+    except Exception as e:  # ONNX Runtime refuses a strict session with CPU-placed nodes
+        assert on_cpu, f"strict session refused a graph with every node on CUDA: {e}"
+        om = OnnxMiner(path)
+    b = random_batch(24, D, m=31, seed=21)
+    args = (b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"])
+    kind = registry.MINERS[name].output
+    assert as_multisets(om(*args), kind) == as_multisets(eager_tuples(miner, b), kind)
+    if torch.cuda.is_available():
+        t = [torch.from_numpy(a).cuda() for a in args]
+        dev = om(*t, device_output=True)
+        assert all(d.is_cuda for d in dev)
+        assert as_multisets([d.cpu().numpy() for d in dev], kind) == as_multisets(om(*args), kind)
