@@ -156,3 +156,11 @@ def rank_select(values: Tensor, valid: Tensor, k: Tensor, largest: bool) -> Tens
     order = torch.argsort(key, descending=largest, stable=True)
     ranks = torch.zeros_like(order).scatter(0, order, index_like(order, 0))
     return (ranks < k) & valid
+
+
+def width_of(x: Tensor) -> Tensor:
+    """``x.size(1)`` as a 0-dim float64 tensor computed from data (x: Tensor[N >= 1, D]).
+
+    A Python number here would make ``torch.export`` specialise the embedding width.
+    """
+    return ones_int_like(x[0]).sum().to(torch.float64)

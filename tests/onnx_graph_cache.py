@@ -53,12 +53,6 @@ def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = 
     return miner, path
 
 
-def ref_graph(name: str, known_fixed_d=()):
-    """The with_ref graph of ``name``'s first config with a dynamic embedding width, or with
-    ``D`` fixed for miners listed in ``known_fixed_d`` whose kernel fixes the width."""
-    try:
-        return graph(name, 0, with_ref=True, embedding_dim=None)
-    except RuntimeError as e:
-        if name in known_fixed_d and "embeddings.shape[1]" in str(e):
-            return graph(name, 0, with_ref=True, embedding_dim=D)
-        raise
+def ref_graph(name: str):
+    """The with_ref graph of ``name``'s first config with a dynamic embedding width."""
+    return graph(name, 0, with_ref=True, embedding_dim=None)

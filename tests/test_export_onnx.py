@@ -34,35 +34,13 @@ SHAPE_FREE = [n for n in ("TripletMarginMiner", "PairMarginMiner", "BatchHardMin
                           "MultiSimilarityMiner", "EmbeddingsAlreadyPackagedAsTriplets")
               if n in AVAILABLE]
 
-# Kernel limitations known when these tests were written: the exporter had to fix an axis
-# because the kernel turns that size into a Python number. Each case xfails (not strict):
-# once the kernel is fixed the test simply passes.
-KNOWN_FIXED_AXES = {
-    ("AngularMiner", 1): "angular_miner: `d = float(a.size(1))` fixes D",
-    ("DistanceWeightedMiner", 1): "distance_weights: `d = float(dim)` fixes D",
-}
-
-
-def _known_or_raise(name: str, err: BaseException) -> None:
-    text = str(err)
-    for (miner, axis), why in KNOWN_FIXED_AXES.items():
-        if miner == name and f"embeddings.shape[{axis}]" in text and "exporter fixed" in text:
-            pytest.xfail(f"known kernel limitation: {why}")
-    raise err
-
-
 @pytest.fixture(scope="session")
 def graphs():
-    """``get(name, cfg, with_ref=False, dtype=float32, embedding_dim=D, compact=False,
-    xfail_known=True)`` -> (miner, path), from the session-wide export cache."""
+    """``get(name, cfg, with_ref=False, dtype=float32, embedding_dim=D, compact=False)``
+    -> (miner, path), from the session-wide export cache."""
 
-    def get(name, cfg=0, xfail_known=True, **kwargs):
-        try:
-            return onnx_graph_cache.graph(name, cfg, **kwargs)
-        except Exception as e:
-            if xfail_known:
-                _known_or_raise(name, e)
-            raise
+    def get(name, cfg=0, **kwargs):
+        return onnx_graph_cache.graph(name, cfg, **kwargs)
 
     return get
 
@@ -87,8 +65,8 @@ def test_parity_self(graphs, name, cfg):
 
 
 def _ref_graph(name):
-    """with_ref graph, dynamic width (fixed where a known kernel limitation fixes it)."""
-    return onnx_graph_cache.ref_graph(name, {m for m, axis in KNOWN_FIXED_AXES if axis == 1})
+    """with_ref graph with a dynamic embedding width."""
+    return onnx_graph_cache.ref_graph(name)
 
 
 @pytest.mark.parametrize("name", REF_MINERS)

@@ -43,7 +43,7 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
     dtype = anchors.dtype
     a = anchors.to(torch.float64)
     r = refs.to(torch.float64)
-    d = float(a.size(1))
+    d = _ops.width_of(a)
     a_sq = (a * a).sum(1)
     r_sq = (r * r).sum(1)
     a_sum = a.sum(1)

@@ -10,7 +10,7 @@ from .angular_miner import require_normalized_l2
 from .base_miner import TripletKernelMiner
 
 
-def distance_weights(mat: Tensor, same: Tensor, dim: int, cutoff: float,
+def distance_weights(mat: Tensor, same: Tensor, dim: Tensor, cutoff: float,
                      nonzero_loss_cutoff: float) -> Tensor:
     """Row-normalised negative sampling weights of Sampling Matters (Wu et al., 2017).
 
@@ -20,12 +20,12 @@ def distance_weights(mat: Tensor, same: Tensor, dim: int, cutoff: float,
     Args:
         mat: Tensor[N, M] L2 distances on the unit sphere.
         same: Tensor[N, M] bool, same label (including the anchor itself).
-        dim: embedding dimension.
+        dim: embedding dimension, a 0-dim float64 tensor (so exports keep it dynamic).
 
     Returns:
         Tensor[N, M].
     """
-    d = float(dim)
+    d = dim
     mat = torch.clamp(mat, min=cutoff)
     log_weights = (2.0 - d) * torch.log(mat) - ((d - 3) / 2) * torch.log(1.0 - 0.25 * (mat ** 2.0))
     bad = torch.isinf(log_weights) | torch.isnan(log_weights)
@@ -58,7 +58,7 @@ def sample_from_rows(weights: Tensor, u: Tensor) -> Tensor:
 
 
 def distance_weighted_miner(mat: Tensor, labels: Tensor, ref_labels: Tensor, is_self: bool,
-                            dim: int, cutoff: float, nonzero_loss_cutoff: float,
+                            dim: Tensor, cutoff: float, nonzero_loss_cutoff: float,
                             noise: Tensor) -> List[Tensor]:
     """Fixed-shape DistanceWeightedMiner kernel.
 
@@ -131,7 +131,7 @@ class DistanceWeightedMiner(TripletKernelMiner):
         mat = self.distance(embeddings, ref_emb)
         refl = labels if ref_labels is None else ref_labels
         return distance_weighted_miner(mat, labels, refl, ref_labels is None,
-                                       embeddings.size(1), self.cutoff,
+                                       _ops.width_of(embeddings), self.cutoff,
                                        self.nonzero_loss_cutoff, noise)
 
     def extra_repr(self) -> str:
