@@ -37,22 +37,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, registry
 from .runtime import metadata as md
 
 FORBIDDEN_OPS = frozenset({"NonZero", "Loop", "If", "Compress", "Unique", "Scan"})
 SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "Range"})
 
-# Miners whose kernel treats every anchor row independently (so anchors can be mined in
-# blocks against the whole reference set) and that draw no noise.
-ROW_INDEPENDENT = frozenset({
-    "AngularMiner", "BatchEasyHardMiner", "BatchHardMiner", "MultiSimilarityMiner",
-    "PairMarginMiner", "TripletMarginMiner",
-})
-# Miners that do not mine against a reference set (their forward ignores or rejects it).
-SELF_ONLY = frozenset({"EmbeddingsAlreadyPackagedAsTriplets", "MaximumLossMiner"})
-# Miners whose batch size must be a multiple of some number.
-BATCH_MULTIPLE = {"EmbeddingsAlreadyPackagedAsTriplets": 3}
+# Derived from the registry (the one list of built-in miners and how they may be run).
+ROW_INDEPENDENT = frozenset(n for n, s in registry.MINERS.items() if s.row_independent)
+SELF_ONLY = frozenset(n for n, s in registry.MINERS.items() if s.self_only)
+BATCH_MULTIPLE = {n: s.batch_multiple for n, s in registry.MINERS.items() if s.batch_multiple > 1}
 
 _EXAMPLE_N, _EXAMPLE_M, _EXAMPLE_D = 9, 14, 6
 _PROBES = ((1009, 2003), (1013, 2011))

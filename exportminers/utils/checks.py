@@ -14,6 +14,27 @@ def _shape_str(x: Tensor) -> str:
     return str(list(x.shape))
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    # TorchScript formats a dtype as its enum number; spell the common ones out
+    if dtype == torch.float32:
+        return "torch.float32"
+    if dtype == torch.float64:
+        return "torch.float64"
+    if dtype == torch.float16:
+        return "torch.float16"
+    if dtype == torch.bfloat16:
+        return "torch.bfloat16"
+    if dtype == torch.bool:
+        return "torch.bool"
+    if dtype == torch.int64:
+        return "torch.int64"
+    if dtype == torch.int32:
+        return "torch.int32"
+    if dtype == torch.complex64:
+        return "torch.complex64"
+    return str(dtype)
+
+
 def check_embeddings(x: Tensor, name: str, check_finite: bool) -> None:
     if x.dim() != 2:
         raise ValueError(
@@ -21,7 +42,7 @@ def check_embeddings(x: Tensor, name: str, check_finite: bool) -> None:
             f"got shape {_shape_str(x)}"
         )
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {_dtype_name(x.dtype)}")
     if check_finite and x.numel() > 0:
         if not bool(torch.isfinite(x).all()):
             bad = torch.logical_not(torch.isfinite(x)).any(dim=1)
@@ -37,7 +58,7 @@ def check_labels(labels: Tensor, name: str, n: int, emb_name: str) -> None:
             f"{name} must be a 1-D tensor of shape (batch_size,), got shape {_shape_str(labels)}"
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+        raise ValueError(f"{name} must be an integer tensor, got dtype {_dtype_name(labels.dtype)}")
     if labels.size(0) != n:
         raise ValueError(
             f"{name} has {labels.size(0)} entries but {emb_name} has {n} rows; they must match"
@@ -77,7 +98,8 @@ def check_inputs(
         )
     if ref_emb.dtype != embeddings.dtype:
         raise ValueError(
-            f"ref_emb has dtype {ref_emb.dtype} but embeddings has {embeddings.dtype}; "
+            f"ref_emb has dtype {_dtype_name(ref_emb.dtype)} but embeddings has "
+            f"{_dtype_name(embeddings.dtype)}; "
             f"they must match"
         )
     check_labels(ref_labels, "ref_labels", ref_emb.size(0), "ref_emb")
