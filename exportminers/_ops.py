@@ -7,6 +7,7 @@ variants return identical values; tests check that.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -91,7 +92,8 @@ def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Ten
     # Merge each row's sorted entries with its values in one stable sort (the ONNX
     # TopK/Sort kernels are stable); a value's position in the merged row minus the
     # number of values placed before it is the number of row entries placed before it.
-    length = sorted_rows.size(1)
+    # row lengths from data: a Python size would put Shape nodes in the exported graph
+    length = ones_int_like(sorted_rows[0]).sum()
     if right:
         merged = torch.cat([sorted_rows, values], dim=1)  # entries first: ties go before values
     else:
@@ -101,21 +103,31 @@ def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Ten
         is_value = order >= length
         value_slot = (order - length).clamp(min=0)
     else:
-        k = values.size(1)
+        k = ones_int_like(values[0]).sum()
         is_value = order < k
-        value_slot = order.clamp(max=k - 1) if k > 0 else order
+        value_slot = torch.minimum(order, (k - 1).clamp(min=0))
     values_before = torch.cumsum(is_value.to(torch.int64), dim=1) - is_value.to(torch.int64)
     position = index_like(merged.transpose(0, 1), 0).unsqueeze(0)  # [1, L], broadcasts
     entries_before = position - values_before
     out = zeros_int_like(values)
-    # scatter each value's count back to its slot; non-value positions write into slot 0
-    # first and are then overwritten by the value that owns slot 0 (scatter order is
-    # not guaranteed, so write them with a neutral source instead)
+    # add each value's count into its slot; entry positions add 0 into slot 0
     zero = torch.zeros((), dtype=torch.int64, device=order.device)
     src = torch.where(is_value, entries_before, zero)
     idx = torch.where(is_value, value_slot, zero)
     out = out.scatter_add(1, idx, src)
     return out
+
+
+def normalize(x: Tensor, p: float) -> Tensor:
+    """``torch.nn.functional.normalize(x, p, dim=1)``.
+
+    When exporting it divides by the clamped norm with broadcasting: ``F.normalize``'s
+    ``expand_as`` would make the graph compute shapes (same values).
+    """
+    if is_exporting():
+        norm = torch.linalg.vector_norm(x, ord=p, dim=1, keepdim=True)
+        return x / norm.clamp_min(1e-12)
+    return F.normalize(x, p=p, dim=1)
 
 
 def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
@@ -154,7 +166,7 @@ def rank_select(values: Tensor, valid: Tensor, k: Tensor, largest: bool) -> Tens
     fill = float("-inf") if largest else float("inf")
     key = values.masked_fill(~valid, fill)
     order = torch.argsort(key, descending=largest, stable=True)
-    ranks = torch.zeros_like(order).scatter(0, order, index_like(order, 0))
+    ranks = zeros_int_like(order).scatter(0, order, index_like(order, 0))
     return (ranks < k) & valid
 
 

@@ -30,9 +30,10 @@ FIRST = [pytest.param(n, id=n) for n in AVAILABLE]
 REF_MINERS = [pytest.param(n, id=n) for n in AVAILABLE if n not in export.SELF_ONLY]
 HALF_MINERS = [n for n in ("TripletMarginMiner", "PairMarginMiner") if n in AVAILABLE]
 # Graphs that must stay free of shape-computing nodes (GPU_FACTS.md: strict CUDA placement).
-SHAPE_FREE = [n for n in ("TripletMarginMiner", "PairMarginMiner", "BatchHardMiner",
-                          "MultiSimilarityMiner", "EmbeddingsAlreadyPackagedAsTriplets")
-              if n in AVAILABLE]
+# The others sort (HDC, DistanceWeighted, UniformHistogram): ONNX has no Sort, so a stable
+# full-length TopK stands in, and its k is the axis length (Shape -> Gather); nothing else.
+SORTING = {"HDCMiner", "DistanceWeightedMiner", "UniformHistogramMiner"}
+SHAPE_FREE = [n for n in AVAILABLE if n not in SORTING]
 
 @pytest.fixture(scope="session")
 def graphs():
@@ -121,13 +122,37 @@ def test_dynamic_embedding_dim(graphs, name):
 # ------------------------------------------------------------------------ graph content
 
 
+@pytest.mark.parametrize("with_ref", [False, True], ids=["self", "ref"])
 @pytest.mark.parametrize("name", SHAPE_FREE)
-def test_no_shape_nodes(graphs, name):
-    """Default graphs of the simple miners compute no shapes (strict CUDA placement)."""
+def test_no_shape_nodes(graphs, name, with_ref):
+    """Graphs of the non-sorting miners compute no shapes (strict CUDA placement)."""
+    if with_ref and name in export.SELF_ONLY:
+        return
+    for cfg in range(len(registry.MINERS[name].configs)):
+        _, path = graphs(name, cfg, with_ref=with_ref)
+        counts = export.op_types(path)
+        assert not export.SHAPE_OPS.intersection(counts), (cfg, counts)
+        assert "Expand" not in counts, (cfg, counts)
+
+
+@pytest.mark.parametrize("name", sorted(SORTING & set(AVAILABLE)))
+def test_sorting_miners_compute_shapes_only_for_topk_k(graphs, name):
+    """The only shape computation left: each full-length TopK's k (Shape -> Gather)."""
     _, path = graphs(name, 0)
-    counts = export.op_types(path)
-    assert not export.SHAPE_OPS.intersection(counts), counts
-    assert "Expand" not in counts, counts
+    g = onnx.load(path).graph
+    users = {}
+    for node in g.node:
+        for i, name_in in enumerate(node.input):
+            users.setdefault(name_in, []).append((node, i))
+    shapes = [n for n in g.node if n.op_type in export.SHAPE_OPS]
+    assert shapes
+    assert "Expand" not in export.op_types(path)
+    for node in shapes:
+        assert node.op_type == "Shape", node.op_type
+        (gather, _), = users[node.output[0]]
+        assert gather.op_type == "Gather", gather.op_type
+        for user, slot in users[gather.output[0]]:
+            assert user.op_type == "TopK" and slot == 1, (user.op_type, slot)
 
 
 @pytest.mark.parametrize("name", FIRST)

@@ -68,11 +68,8 @@ class BaseDistance(torch.nn.Module):
         return y - x if self.is_inverted else x - y
 
     def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
-        if _ops.is_exporting():
-            # F.normalize's expand_as makes the graph compute shapes; broadcasting the
-            # same clamped norm gives the same values without Shape -> Expand.
-            norm = torch.linalg.vector_norm(embeddings, ord=self.p, dim=dim, keepdim=True)
-            return embeddings / norm.clamp_min(1e-12)
+        if dim == 1:
+            return _ops.normalize(embeddings, self.p)
         return F.normalize(embeddings, p=self.p, dim=dim)
 
     def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:

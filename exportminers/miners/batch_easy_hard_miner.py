@@ -50,10 +50,10 @@ def batch_easy_hard_miner(mat: Tensor, pos: Tensor, neg: Tensor, pos_strategy: i
     pos_max = (pos_strategy <= 1) != is_inverted
     # "hard"/"semihard" negatives are the closest: min for distances
     neg_max = (neg_strategy > 1) != is_inverted
-    pos_val = torch.zeros_like(mat[:, 0])
-    neg_val = torch.zeros_like(mat[:, 0])
-    pos_idx = torch.zeros_like(pos[:, 0], dtype=torch.int64)
-    neg_idx = torch.zeros_like(pos[:, 0], dtype=torch.int64)
+    pos_val = mat[:, 0] * 0.0
+    neg_val = mat[:, 0] * 0.0
+    pos_idx = _ops.zeros_int_like(mat[:, 0])
+    neg_idx = _ops.zeros_int_like(mat[:, 0])
     pos_ok = pos.any(dim=1)
     neg_ok = neg.any(dim=1)
     if pos_strategy == 1 and neg_strategy != 3:

@@ -93,7 +93,8 @@ def distance_weighted_miner(mat: Tensor, labels: Tensor, ref_labels: Tensor, is_
     r = torch.floor(noise[0] * n_cand.unsqueeze(1).to(torch.float64)).to(torch.int64)
     r = torch.minimum(r, (n_cand - 1).clamp(min=0).unsqueeze(1))
     cum = torch.cumsum(candidates.to(torch.int64), dim=1)
-    positive = _ops.searchsorted_rows(cum, r + 1, False).clamp(max=mat.size(1) - 1)
+    last_col = _ops.ones_int_like(mat[0]).sum() - 1   # M - 1 from data: no Shape node
+    positive = torch.minimum(_ops.searchsorted_rows(cum, r + 1, False), last_col)
     negative = sample_from_rows(weights, noise[1])
     return [valid, positive, negative]
 

@@ -15,16 +15,15 @@ def hdc_select(values: Tensor, valid: Tensor, filter_percentage: float, largest:
     """Keep the ``ceil(filter_percentage * #valid)`` most extreme valid entries.
 
     Args:
-        values: Tensor[...] pair values; valid: bool Tensor of the same shape.
+        values: Tensor[L] pair values; valid: Tensor[L] bool.
         largest: keep the largest values (else the smallest).
 
     Returns:
-        bool Tensor of ``values``' shape. Ties at the cut are broken by position.
+        Tensor[L] bool. Ties at the cut are broken by position.
     """
     count = valid.sum().to(torch.float64)
     k = torch.ceil(count * filter_percentage).to(torch.int64)
-    flat = _ops.rank_select(values.reshape(-1), valid.reshape(-1), k, largest)
-    return flat.reshape(values.shape)
+    return _ops.rank_select(values, valid, k, largest)
 
 
 def hdc_miner(mat: Tensor, pos: Tensor, neg: Tensor, filter_percentage: float,
@@ -35,11 +34,18 @@ def hdc_miner(mat: Tensor, pos: Tensor, neg: Tensor, filter_percentage: float,
         mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
 
     Returns:
-        ``[pos_sel Tensor[N, M] bool, neg_sel Tensor[N, M] bool]``: the hardest
-        ``filter_percentage`` of positive pairs (farthest) and of negative pairs (closest).
+        ``[pos_sel Tensor[N*M] bool, neg_sel Tensor[N*M] bool, row Tensor[N*M],
+        col Tensor[N*M]]``: the hardest ``filter_percentage`` of positive pairs
+        (farthest) and of negative pairs (closest), over the row-major flattened pairs,
+        with each flat pair's row and column. (Flat outputs keep the exported graph free
+        of reshapes to a symbolic shape, which would need Shape nodes.)
     """
-    return [hdc_select(mat, pos, filter_percentage, not is_inverted),
-            hdc_select(mat, neg, filter_percentage, is_inverted)]
+    flat = mat.reshape(-1)
+    index = _ops.index_like(flat, 0)
+    m = _ops.ones_int_like(mat[0]).sum()
+    return [hdc_select(flat, pos.reshape(-1), filter_percentage, not is_inverted),
+            hdc_select(flat, neg.reshape(-1), filter_percentage, is_inverted),
+            torch.div(index, m, rounding_mode="floor"), index % m]
 
 
 class HDCMiner(PairKernelMiner):
@@ -65,7 +71,7 @@ class HDCMiner(PairKernelMiner):
     def __init__(self, filter_percentage: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.filter_percentage = check_number(filter_percentage, "filter_percentage", 0.0, 1.0)
-        self.layout = [[0, -1, -2], [1, -1, -2]]
+        self.layout = [[0, 2, 3], [1, 2, 3]]
         self.a1 = None
         self.p = None
         self.a2 = None
@@ -121,9 +127,9 @@ class HDCMiner(PairKernelMiner):
                     f"the pairs given to set_idx_externally hold {what} indices outside [0, {bound})")
         a1, p, a2, n = a1.to(embeddings.device), p.to(embeddings.device), a2.to(embeddings.device), n.to(embeddings.device)
         mat = self.distance(embeddings, ref_emb)
-        pos_sel = hdc_select(mat[a1, p], torch.ones_like(a1, dtype=torch.bool),
+        pos_sel = hdc_select(mat[a1, p], a1 >= 0,
                              self.filter_percentage, not self.distance.is_inverted)
-        neg_sel = hdc_select(mat[a2, n], torch.ones_like(a2, dtype=torch.bool),
+        neg_sel = hdc_select(mat[a2, n], a2 >= 0,
                              self.filter_percentage, self.distance.is_inverted)
         out = decode([pos_sel, neg_sel, a1, p, a2, n], [[0, 2, 3], [1, 4, 5]])
         self.a1, self.p, self.a2, self.n = out[0], out[1], out[2], out[3]

@@ -68,7 +68,7 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
             raise ValueError("MaximumLossMiner.kernel needs noise of shape [num_trials, output_batch_size]")
         # the batch size as a tensor, so an exported graph keeps N dynamic
         n = _ops.ones_int_like(labels).sum()
-        emb = F.normalize(embeddings, p=2.0, dim=1) if self.normalize else embeddings
+        emb = _ops.normalize(embeddings, 2.0) if self.normalize else embeddings
         subsets = torch.floor(noise * n.to(torch.float64)).to(torch.int64)
         subsets = torch.minimum(subsets, n - 1)
         losses: List[Tensor] = []
@@ -77,7 +77,7 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
             losses.append(torch.as_tensor(self._subset_loss(emb[idx], labels[idx])).reshape(()))
         best = torch.argmax(torch.stack(losses).to(torch.float64)).reshape(1)
         chosen = torch.index_select(subsets, 0, best).reshape(-1)
-        return [torch.ones_like(chosen, dtype=torch.bool), chosen]
+        return [chosen >= 0, chosen]
 
     def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
              ref_labels: Optional[Tensor]) -> List[Tensor]:

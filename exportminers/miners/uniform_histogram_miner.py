@@ -31,7 +31,7 @@ def uniform_histogram_side(values: Tensor, sel: Tensor, num_bins: int, u: Tensor
         Bins span [min, max] of the pool in ``num_bins`` equal steps, each closed on the
         left and open on the right except the last.
     """
-    m = values.size(1)
+    m = _ops.ones_int_like(values[0]).sum()  # M from data: no Shape node when exported
     flat = values.reshape(-1)
     pool = sel.reshape(-1)
     low = flat.masked_fill(~pool, float("inf")).min()
@@ -39,16 +39,17 @@ def uniform_histogram_side(values: Tensor, sel: Tensor, num_bins: int, u: Tensor
     edges = histogram_edges(low, high, num_bins)
     interior = edges[1:num_bins].unsqueeze(0)
     bins = _ops.searchsorted_rows(interior, flat.unsqueeze(0), True).reshape(-1)
-    bins = torch.where(pool, bins, torch.full_like(bins, num_bins))
+    bins = torch.where(pool, bins, num_bins)
     counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=values.device)
-    counts = counts.scatter_add(0, bins, torch.ones_like(bins))[:num_bins]
+    counts = counts.scatter_add(0, bins, _ops.ones_int_like(bins))[:num_bins]
     order = torch.argsort(bins, stable=True)
     offsets = torch.cumsum(counts, 0) - counts
     c = counts.unsqueeze(1)
     r = torch.floor(u * c.to(torch.float64)).to(torch.int64)
     r = torch.minimum(r, (c - 1).clamp(min=0))
-    pick = order[(offsets.unsqueeze(1) + r).clamp(max=flat.numel() - 1)]
-    valid = (c > 0).expand_as(pick)
+    last = _ops.ones_int_like(bins).sum() - 1           # N*M - 1, from data (no Shape)
+    pick = order[torch.minimum(offsets.unsqueeze(1) + r, last)]
+    valid = (c > 0) & (pick >= 0)                        # broadcast to [num_bins, K]
     return [valid, torch.div(pick, m, rounding_mode="floor"), pick % m]
 
 
