@@ -1,0 +1,198 @@
+"""Where the time goes: ONNX Runtime per-operator profile vs PML eager, one miner.
+
+Usage::
+
+    python -m benchmarks.profile_ort --miner HDCMiner --n 256 --threads 1 [--out results/]
+
+For the miner's default configuration at batch size N (the benchmark's inputs), prints
+and writes ``profile_<Miner>_<N>.md``:
+
+1. the split of one ``OnnxMiner`` call on CPU: input checks, ``session.run``, decoding
+   (medians over ``--runs`` calls);
+2. ONNX Runtime's own profile (``SessionOptions.enable_profiling``): kernel time per
+   operator type and the most expensive nodes, with the share of the graph's time;
+3. ``torch.profiler`` of PML eager and of exportminers eager: the ATen ops with the most
+   self CPU time.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+from . import common
+
+
+def _median(xs: List[float]) -> float:
+    xs = sorted(xs)
+    k = len(xs)
+    return 0.0 if k == 0 else (xs[k // 2] if k % 2 else 0.5 * (xs[k // 2 - 1] + xs[k // 2]))
+
+
+def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
+    """Split of an OnnxMiner call and ONNX Runtime's per-node kernel times."""
+    import numpy as np
+    import onnxruntime as ort
+    import exportminers
+    from exportminers.runtime import checks_np, decode_np
+
+    so = ort.SessionOptions()
+    if threads > 0:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"], session_options=so,
+                                seed=0)
+    # 1. split of a call
+    split = defaultdict(list)
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        emb, lab, _, _ = checks_np.check_inputs(x, y, None, None, om.check_finite)
+        t1 = time.perf_counter()
+        feeds = {"embeddings": np.ascontiguousarray(emb.astype(om.dtype, copy=False)),
+                 "labels": np.ascontiguousarray(lab)}
+        if om.is_random:
+            feeds["noise"] = om._noise(emb.shape[0], emb.shape[0], None, None)
+        t2 = time.perf_counter()
+        outs = om.session.run(om.output_names, feeds)
+        t3 = time.perf_counter()
+        decoded = decode_np.decode(outs, om.layout)
+        t4 = time.perf_counter()
+        whole0 = time.perf_counter()
+        om(x, y)
+        whole = time.perf_counter() - whole0
+        if i == 0:
+            continue  # warm-up
+        split["checks"].append((t1 - t0) * 1e3)
+        split["feeds (cast, noise)"].append((t2 - t1) * 1e3)
+        split["session.run"].append((t3 - t2) * 1e3)
+        split["decode (numpy)"].append((t4 - t3) * 1e3)
+        split["whole OnnxMiner call"].append(whole * 1e3)
+    out_sizes = {name: list(o.shape) for name, o in zip(om.output_names, outs)}
+    decoded_len = [int(len(d)) for d in decoded]
+
+    # 2. ONNX Runtime's profiler
+    so = ort.SessionOptions()
+    if threads > 0:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ortprof_"), "ort")
+    sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for x, y in batches:
+        feeds = {"embeddings": x, "labels": y}
+        if om.is_random:
+            feeds["noise"] = rng.random(om.noise_shape(x.shape[0], x.shape[0]))
+        sess.run(None, feeds)
+    prof_path = sess.end_profiling()
+    with open(prof_path) as f:
+        events = json.load(f)
+    by_op = defaultdict(float)
+    by_node = defaultdict(float)
+    node_op = {}
+    run_total = 0.0
+    n_runs = 0
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            node = ev["name"][:-len("_kernel_time")]
+            by_op[op] += ev["dur"]
+            by_node[node] += ev["dur"]
+            node_op[node] = op
+        elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
+            run_total += ev["dur"]
+            n_runs += 1
+    kernel_total = sum(by_op.values())
+    return {
+        "split_ms": {k: _median(v) for k, v in split.items()},
+        "outputs": out_sizes, "decoded_lengths": decoded_len,
+        "runs": n_runs, "model_run_us": run_total / max(1, n_runs),
+        "kernel_us": kernel_total / max(1, n_runs),
+        "by_op": sorted(((op, us / max(1, n_runs)) for op, us in by_op.items()),
+                        key=lambda t: -t[1]),
+        "by_node": sorted(((node, node_op[node], us / max(1, n_runs))
+                           for node, us in by_node.items()), key=lambda t: -t[2]),
+        "profile_file": prof_path,
+    }
+
+
+def torch_profile(fn, batches, top: int) -> List[Any]:
+    """(op, self CPU us per call, calls per call) of the ops with the most self CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn(*batches[0])
+    runs = batches[1:]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in runs:
+            fn(x, y)
+    rows = []
+    for e in prof.key_averages():
+        rows.append((e.key, e.self_cpu_time_total / len(runs), e.count / len(runs)))
+    rows.sort(key=lambda t: -t[1])
+    total = sum(r[1] for r in rows)
+    return [("TOTAL self CPU", total, 0)] + rows[:top]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ort", description=__doc__)
+    p.add_argument("--miner", required=True)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--spread", type=float, default=1.25)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--onnx", help="an exported graph (default: export to a temp folder)")
+    p.add_argument("--out", default=None, help="folder for profile_<Miner>_<N>.md")
+    args = p.parse_args(argv)
+
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    import exportminers
+
+    name = args.miner
+    config = common.default_config(name)
+    n = common.effective_n(name, args.n)
+    batches_t = common.make_inputs(n, args.dim, args.per_class, args.runs + 1, 0, args.spread)
+    batches = [(x.numpy(), y.numpy()) for x, y in batches_t]
+    path = args.onnx
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="profile_"), f"{name}.onnx")
+        exportminers.export_onnx(common.build_ours(name, config), path, embedding_dim=args.dim)
+    res = ort_profile(path, batches, args.threads, args.runs)
+
+    lines = [f"# Profile: {name} ({common.describe_config(name, config)}), N = {n}, "
+             f"d = {args.dim}, {args.threads} thread(s)", ""]
+    lines += ["## One OnnxMiner call on CPU (median ms)", "", "| part | ms |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in res["split_ms"].items()]
+    lines += ["", f"Graph outputs: {res['outputs']}; decoded lengths {res['decoded_lengths']}.", ""]
+    kt = res["kernel_us"]
+    lines += [f"## ONNX Runtime profile ({res['runs']} runs): model_run {res['model_run_us'] / 1e3:.3f} ms, "
+              f"kernels {kt / 1e3:.3f} ms per run", "", "| op type | ms per run | share |",
+              "|---|---:|---:|"]
+    lines += [f"| {op} | {us / 1e3:.3f} | {100 * us / max(kt, 1e-9):.1f}% |"
+              for op, us in res["by_op"][:args.top]]
+    lines += ["", "| node | op | ms per run | share |", "|---|---|---:|---:|"]
+    lines += [f"| {node} | {op} | {us / 1e3:.3f} | {100 * us / max(kt, 1e-9):.1f}% |"
+              for node, op, us in res["by_node"][:args.top]]
+    for label, fn in (("PML eager", common.build_pml(name, config)),
+                      ("exportminers eager", common.build_ours(name, config))):
+        rows = torch_profile(fn, batches_t, args.top)
+        lines += ["", f"## torch.profiler: {label} (self CPU per call)", "",
+                  "| op | ms per call | calls per call |", "|---|---:|---:|"]
+        lines += [f"| {op} | {us / 1e3:.3f} | {calls:g} |" for op, us, calls in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"profile_{name}_{n}.md"), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""Benchmark worker: runs the tasks in a JSON file, one after another, and reports each.
+
+Started by :mod:`benchmarks.run` as ``python -m benchmarks.worker TASKS.json`` under a
+memory limit; the runner enforces the time cap per task and reads the protocol lines
+this process prints (everything else on stdout/stderr is kept as error context):
+
+* ``@@READY`` once the imports are done;
+* ``@@START <i>`` before task ``i``;
+* ``@@RESULT <json>`` after it (status ``ok``, ``oom``, ``error``, ...).
+
+Tasks are ``{"kind": "export", ...}`` (export one miner to ONNX) or
+``{"kind": "row", ...}`` (time one miner x implementation x batch size).
+
+Timing: ``warmup`` calls on their own fresh batches, then up to ``repeats`` timed calls,
+each on a fresh batch (generated before timing starts), stopping early once the timed
+calls used ``budget_s`` (after at least ``min_repeats``) or the next call would run past
+the task's cap. CPU: ``time.perf_counter``; CUDA: CUDA events on the current stream
+around the call (ONNX Runtime synchronises its own stream before returning). On CPU the
+process CPU time of each call is recorded too (``median_cpu_ms``): on a shared machine it
+is not inflated when other processes take the core (with one thread it equals the
+compute time; with more, it sums the threads).
+
+Peak memory (``peak_mem_mb``), measured from just before the first warm-up call:
+
+* CPU: growth of the resident set: ``VmHWM`` after the timed calls (the peak mark is
+  reset with ``/proc/self/clear_refs`` after the warm-up) minus ``VmRSS`` before the
+  warm-up; memory an implementation keeps between calls (ONNX Runtime's arena) counts.
+  Where ``clear_refs`` is refused: ``ru_maxrss`` minus the same baseline (includes
+  warm-up/compilation peaks).
+* CUDA, torch implementations: ``torch.cuda.max_memory_allocated`` during the timed
+  calls minus ``memory_allocated`` before the warm-up.
+* CUDA, ONNX Runtime: torch's allocator does not see ONNX Runtime's arena, so device
+  memory in use (``torch.cuda.mem_get_info``) after the timed calls minus before the
+  warm-up, plus torch's own peak (input checks, decoding).
+"""
+import gc
+import json
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+from . import common
+
+
+def emit(tag: str, payload: str = "") -> None:
+    sys.stdout.write(f"@@{tag} {payload}\n" if payload else f"@@{tag}\n")
+    sys.stdout.flush()
+
+
+def _error_result(e: BaseException) -> Dict[str, Any]:
+    text = f"{type(e).__name__}: {e}"
+    status = "oom" if isinstance(e, MemoryError) else common.classify_error(text)
+    return {"status": status, "reason": common.short(text)}
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def run_export(task: Dict[str, Any]) -> Dict[str, Any]:
+    import exportminers
+    miner = common.build_ours(task["miner"], task["config"])
+    t0 = time.perf_counter()
+    exportminers.export_onnx(miner, task["path"], embedding_dim=task["d"], with_ref=False)
+    return {"status": "ok", "export_s": round(time.perf_counter() - t0, 3),
+            "path": task["path"]}
+
+
+# ------------------------------------------------------------------------------ rows
+
+
+def session_options(threads: int):
+    """ONNX Runtime session options: ``threads`` intra-op threads (0: its default)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads > 0:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def set_threads(threads: int) -> None:
+    """torch intra-op threads (0: leave torch's default)."""
+    if threads > 0:
+        import torch
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already set (e.g. a second row in the same worker)
+
+
+def _build(task: Dict[str, Any], device) -> Callable:
+    """The callable timed for the task's implementation, taking (embeddings, labels)."""
+    import torch
+    name, impl, config = task["miner"], task["impl"], task["config"]
+    if impl == "pml":
+        miner = common.build_pml(name, config)
+        if isinstance(miner, torch.nn.Module):
+            miner = miner.to(device)
+        return miner
+    if impl == "eager":
+        return common.build_ours(name, config).to(device)
+    if impl == "torchscript":
+        return torch.jit.script(common.build_ours(name, config)).to(device)
+    if impl.startswith("ort_"):
+        import exportminers
+        so = session_options(task.get("threads", 0))
+        if impl.startswith("ort_cpu"):
+            om = exportminers.OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"],
+                                        session_options=so, seed=task["seed"])
+        else:
+            om = exportminers.OnnxMiner(task["onnx_path"],
+                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                        session_options=so, seed=task["seed"])
+            if om.providers[0] != "CUDAExecutionProvider":
+                raise RuntimeError(f"the session did not get the CUDA provider: {om.providers}")
+        task["_providers"] = list(om.providers)
+        if impl == "ort_cpu":
+            return lambda x, y: om(x, y)
+        if impl in ("ort_cpu_raw", "ort_cuda_raw"):
+            return lambda x, y: om(x, y, return_raw=True)
+        if impl == "ort_cuda_decode":
+            return lambda x, y: om(x, y, device_output=True)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _count(impl: str, out) -> Optional[int]:
+    if impl.endswith("_raw"):
+        return None  # fixed-shape outputs: nothing decoded
+    try:
+        return common.tuple_count(out)
+    except Exception:
+        return None
+
+
+def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
+    import numpy as np
+    import torch
+
+    device = torch.device(task["device"])
+    cuda = device.type == "cuda"
+    name, impl = task["miner"], task["impl"]
+    n = common.effective_n(name, task["n"])
+    warmup, repeats = int(task["warmup"]), int(task["repeats"])
+    budget_s, min_repeats = float(task["budget_s"]), int(task["min_repeats"])
+    torch.manual_seed(task["seed"])
+
+    t_setup = time.perf_counter()
+    batches = common.make_inputs(n, task["d"], task["per_class"], max(1, warmup) + repeats,
+                                 task["seed"], task["spread"])
+    if impl in ("ort_cpu", "ort_cpu_raw"):
+        batches = [(x.numpy(), y.numpy()) for x, y in batches]
+    else:
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
+    fn = _build(task, device)
+    setup_s = time.perf_counter() - t_setup
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    cpu_times: List[float] = []
+
+    def call(x, y):
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(x, y)
+            end.record()
+            end.synchronize()
+            return out, float(start.elapsed_time(end))
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        out = fn(x, y)
+        t1 = time.perf_counter()
+        cpu_times.append((time.process_time() - c0) * 1e3)
+        return out, (t1 - t0) * 1e3
+
+    gc.collect()
+    sync()
+    rss0 = common.rss_mb()
+    if cuda:
+        alloc0 = torch.cuda.memory_allocated(device)
+        free0 = torch.cuda.mem_get_info(device)[0]
+
+    # warm-up (at least one call: first-call costs are reported on their own)
+    first_ms = None
+    out = None
+    warm_done = 0
+    for i in range(max(1, warmup)):
+        out = None
+        out, ms = call(*batches[i])
+        warm_done += 1
+        if first_ms is None:
+            first_ms = ms
+        if ms / 1e3 > budget_s / 2 or time.perf_counter() + ms / 1e3 > deadline:
+            break
+    count = _count(impl, out)
+    out = None
+    gc.collect()
+    sync()
+    hwm_reset = common.reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    times: List[float] = []
+    del cpu_times[:]
+    t_loop = time.perf_counter()
+    last_ms = first_ms or 0.0
+    for i in range(repeats):
+        now = time.perf_counter()
+        if times and now + last_ms / 1e3 > deadline:
+            break
+        if len(times) >= min_repeats and now - t_loop > budget_s:
+            break
+        x, y = batches[max(1, warmup) + i]
+        out = None
+        out, ms = call(x, y)
+        times.append(ms)
+        last_ms = ms
+        count = _count(impl, out)
+    out = None
+    sync()
+
+    result: Dict[str, Any] = {
+        "status": "ok", "n_actual": n, "times_ms": [round(t, 4) for t in times],
+        "repeats": len(times), "warmup": warm_done, "first_call_ms": first_ms,
+        "setup_s": round(setup_s, 3), "out_count": count,
+        "threads": torch.get_num_threads(),
+    }
+    if times:
+        arr = np.asarray(times)
+        result.update(median_ms=float(np.median(arr)), min_ms=float(arr.min()),
+                      mean_ms=float(arr.mean()), p25_ms=float(np.percentile(arr, 25)),
+                      p75_ms=float(np.percentile(arr, 75)))
+        if cpu_times:
+            result["median_cpu_ms"] = float(np.median(np.asarray(cpu_times)))
+    else:
+        # not even one timed call fit in the cap: report the warm-up call
+        result.update(median_ms=first_ms, min_ms=first_ms, mean_ms=first_ms,
+                      note="no timed call fit in the cap; the time is the warm-up call's")
+    host_peak = common.peak_rss_mb()
+    host_growth = None if (host_peak is None or rss0 is None) else max(0.0, host_peak - rss0)
+    if cuda:
+        torch_peak = max(0, torch.cuda.max_memory_allocated(device) - alloc0) / 2 ** 20
+        if impl.startswith("ort_"):
+            used_growth = max(0, free0 - torch.cuda.mem_get_info(device)[0]) / 2 ** 20
+            result["peak_mem_mb"] = used_growth + torch_peak
+            result["mem_method"] = "cuda: mem_get_info growth (ORT arena) + torch peak"
+        else:
+            result["peak_mem_mb"] = torch_peak
+            result["mem_method"] = "cuda: torch.cuda.max_memory_allocated growth"
+        result["host_peak_mb"] = host_growth
+    else:
+        result["peak_mem_mb"] = host_growth
+        result["mem_method"] = ("cpu: VmHWM (reset after warm-up) - VmRSS before warm-up"
+                                if hwm_reset else "cpu: ru_maxrss - VmRSS before warm-up")
+    if "_providers" in task:
+        result["providers"] = task["_providers"]
+    return result
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: List[str]) -> int:
+    with open(argv[0]) as f:
+        tasks = json.load(f)
+    # imports the tasks need, before READY so they do not count against a task's cap
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+    set_threads(int(tasks[0].get("threads", 0)) if tasks else 0)
+    import exportminers.miners  # noqa: F401
+    import pytorch_metric_learning.miners  # noqa: F401
+    if any(t.get("impl", "").startswith("ort_") or t["kind"] == "export" for t in tasks):
+        import onnxruntime  # noqa: F401
+    emit("READY")
+    for i, task in enumerate(tasks):
+        emit("START", str(i))
+        deadline = time.perf_counter() + 0.85 * float(task.get("cap_s", 60.0))
+        try:
+            if task["kind"] == "export":
+                result = run_export(task)
+            else:
+                result = run_row(task, deadline)
+        except BaseException as e:  # noqa: BLE001 - every failure is a result
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            result = _error_result(e)
+            result["traceback"] = common.short(traceback.format_exc(), 2000)
+            try:
+                import torch
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.empty_cache()
+            except Exception:
+                pass
+        gc.collect()
+        emit("RESULT", json.dumps({"index": i, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
