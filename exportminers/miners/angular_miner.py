@@ -1,6 +1,6 @@
 """AngularMiner: triplets whose angle at the negative exceeds a threshold."""
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from .. import _ops
 from ..distances import BaseDistance, LpDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_number
-from .base_miner import TripletKernelMiner
+from .base_miner import DenseTripletKernelMiner
 
 
 def require_normalized_l2(miner_name: str, distance: BaseDistance) -> None:
@@ -21,26 +21,15 @@ def require_normalized_l2(miner_name: str, distance: BaseDistance) -> None:
             f"got {distance!r}")
 
 
-def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float) -> Tensor:
-    """Fixed-shape AngularMiner kernel.
-
-    For each triplet (a, p, n) with c = (a + p) / 2, the angle is
-    ``atan(|a - p| / (2 |n - c|))`` (norms as ``torch.nn.functional.pairwise_distance``,
-    eps included, on the embeddings as given, like PML). Norms of all N x M x M triplets
-    are expanded into dot products (Gram matrices, float64), so no per-triplet
-    embedding copies are made; the final ratio and arctangent are taken in the input
-    dtype, as PML does.
-
-    Args:
-        anchors: Tensor[N, D]; refs: Tensor[M, D] (positives and negatives).
-        pos, neg: Tensor[N, M] bool pair masks.
-        angle: threshold in radians.
+def angular_terms(anchors: Tensor, refs: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+    """Gram-matrix terms of the angle test (float64).
 
     Returns:
-        Tensor[N, M(positive), M(negative)] bool.
+        ``([g, c_sq, ap, a_sum], [h, ne_sq, r_sum])``: per-anchor tensors (first axis N:
+        ``a.r`` [N, M], ``|c|^2`` [N, M], ``|a - p + eps|`` [N, M] in the input dtype,
+        ``sum(a)`` [N]) and shared ones (``r.r`` [M, M], ``|r + eps|^2`` [M], ``sum(r)`` [M]).
     """
     eps = 1e-6
-    dtype = anchors.dtype
     a = anchors.to(torch.float64)
     r = refs.to(torch.float64)
     d = _ops.width_of(a)
@@ -53,27 +42,62 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
     # |a - p + eps|^2
     ap_sq = a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + d * eps * eps - 2.0 * g \
         + 2.0 * eps * (a_sum.unsqueeze(1) - r_sum.unsqueeze(0))
-    ap = ap_sq.clamp(min=0.0).sqrt().to(dtype)                       # [N, M]
+    ap = ap_sq.clamp(min=0.0).sqrt().to(anchors.dtype)               # [N, M]
     c_sq = (a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + 2.0 * g) / 4.0      # |c_ij|^2
     ne_sq = r_sq + 2.0 * eps * r_sum + d * eps * eps                   # |r_k + eps|^2
-    n_rows, m = g.size(0), g.size(1)
+    return [g, c_sq, ap, a_sum], [h, ne_sq, r_sum]
+
+
+def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Tensor,
+                  angle: float) -> Tensor:
+    """Angle test for the anchors in ``rows`` (see :func:`angular_terms`).
+
+    Returns:
+        Tensor[N, M(positive), M(negative)] bool.
+    """
+    g, c_sq, ap, a_sum = rows[0], rows[1], rows[2], rows[3]
+    h, ne_sq, r_sum = shared[0], shared[1], shared[2]
     if _ops.is_exporting():
-        return _angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, angle, eps) & \
+        return _angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, angle) & \
             lmu.triplet_mask(pos, neg)
-    out = torch.empty((n_rows, m, m), dtype=torch.bool, device=anchors.device)
+    n_rows, m = g.size(0), g.size(1)
+    out = torch.empty((n_rows, m, m), dtype=torch.bool, device=g.device)
     # rows per block: each of a block's few float64 temporaries stays within
     # max(N*M, 2^21) elements
     per = max(1, max(n_rows * m, 2097152) // max(1, m * m))
     for s in range(0, n_rows, per):
         e = min(n_rows, s + per)
         out[s:e] = _angles_exceed(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h, ne_sq, r_sum,
-                                  angle, eps) & lmu.triplet_mask(pos[s:e], neg[s:e])
+                                  angle) & lmu.triplet_mask(pos[s:e], neg[s:e])
     return out
 
 
+def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float) -> Tensor:
+    """Fixed-shape AngularMiner kernel.
+
+    For each triplet (a, p, n) with c = (a + p) / 2, the angle is
+    ``atan(|a - p| / (2 |n - c|))`` (norms as ``torch.nn.functional.pairwise_distance``,
+    eps included, on the embeddings as given, like PML). Norms of all N x M x M triplets
+    are expanded into dot products (Gram matrices, float64, :func:`angular_terms`), so no
+    per-triplet embedding copies are made; the final ratio and arctangent are taken in
+    the input dtype, as PML does.
+
+    Args:
+        anchors: Tensor[N, D]; refs: Tensor[M, D] (positives and negatives).
+        pos, neg: Tensor[N, M] bool pair masks.
+        angle: threshold in radians.
+
+    Returns:
+        Tensor[N, M(positive), M(negative)] bool.
+    """
+    rows, shared = angular_terms(anchors, refs)
+    return angular_block(rows, shared, pos, neg, angle)
+
+
 def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor,
-                   ne_sq: Tensor, r_sum: Tensor, angle: float, eps: float) -> Tensor:
+                   ne_sq: Tensor, r_sum: Tensor, angle: float) -> Tensor:
     """Angle test for a block of anchors: Tensor[b, M(p), M(n)] bool."""
+    eps = 1e-6
     # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
     nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h.unsqueeze(0) \
         - eps * (a_sum.view(-1, 1, 1) + r_sum.view(1, -1, 1))
@@ -81,7 +105,7 @@ def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor
     return torch.atan(ap.unsqueeze(2) / (2 * nc)) > angle
 
 
-class AngularMiner(TripletKernelMiner):
+class AngularMiner(DenseTripletKernelMiner):
     """Triplets forming an angle greater than ``angle`` degrees, as defined in the
     angular loss paper (Wang et al., 2017). Requires L2 on normalised embeddings.
 
@@ -100,11 +124,16 @@ class AngularMiner(TripletKernelMiner):
         self.angle = math.radians(self.angle_degrees)
         self.layout = [[0, -1, -2, -3]]
 
-    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+    def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         refs = embeddings if ref_emb is None else ref_emb
         pos, neg = lmu.pair_masks(labels, ref_labels)
-        return [angular_miner(embeddings, refs, pos, neg, self.angle)]
+        rows, shared = angular_terms(embeddings, refs)
+        return rows + [pos, neg], shared
+
+    def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
+                     noise: Optional[Tensor]) -> List[Tensor]:
+        return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle)]
 
     def extra_repr(self) -> str:
         return f"angle={self.angle_degrees:g}"

@@ -204,6 +204,53 @@ class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
         return out[0], out[1], out[2]
 
 
+class DenseTripletKernelMiner(TripletKernelMiner):
+    """Base of the dense triplet miners (N x M x M candidates): a precomputation shared by
+    all anchors plus a kernel over any block of anchor rows.
+
+    ``block_state(...)`` returns ``(rows, shared)``: tensors whose first axis is the
+    anchor (sliced per block) and tensors used whole. ``kernel`` runs ``block_kernel`` on
+    every row (that is what gets exported); ``forward`` runs it on anchor blocks and
+    decodes each, so in eager and TorchScript the N x M x M mask never exists whole
+    (blocks hold at most 2^26 mask elements). Random kernels draw noise per block.
+    """
+
+    def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        raise NotImplementedError
+
+    def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
+                     noise: Optional[Tensor]) -> List[Tensor]:
+        raise NotImplementedError
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+        return self.block_kernel(rows, shared, noise)
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        n = embeddings.size(0)
+        m = n if ref_emb is None else ref_emb.size(0)
+        if n == 0 or m == 0:
+            e = _empty_long(embeddings)
+            return [e, e.clone(), e.clone()]
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+        per = max(1, 67108864 // max(1, m * m))
+        a: List[Tensor] = []
+        p: List[Tensor] = []
+        neg: List[Tensor] = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            block = [t[s:e] for t in rows]
+            noise = self.make_noise(embeddings, e - s, m)
+            out = decode(self.block_kernel(block, shared, noise), self.layout)
+            a.append(out[0] + s)   # anchors are block-row coordinates
+            p.append(out[1])
+            neg.append(out[2])
+        return [torch.cat(a), torch.cat(p), torch.cat(neg)]
+
+
 class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
     """Base of the built-in miners returning ``(a1, p, a2, n)``."""
 

@@ -1,24 +1,23 @@
 """TripletMarginMiner: every triplet that violates the margin."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _ops
+from ..distances import LpDistance, SNRDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_choice, check_number, check_positive_int
-from .base_miner import TripletKernelMiner
+from .base_miner import DenseTripletKernelMiner
 
 TRIPLET_TYPES = {"all": 0, "hard": 1, "semihard": 2, "easy": 3}
 
 
-
-def triplet_condition(ap: Tensor, an: Tensor, margin: float, kind: int, is_inverted: bool) -> Tensor:
-    """PML's triplet test on broadcast anchor-positive / anchor-negative values.
+def triplet_condition(tm: Tensor, margin: float, kind: int) -> Tensor:
+    """PML's test on triplet margins ``d(a, n) - d(a, p)`` (similarities: ``s(a, p) - s(a, n)``).
 
     ``kind``: 0 all, 1 hard, 2 semihard, 3 easy (see :data:`TRIPLET_TYPES`).
     """
-    tm = ap - an if is_inverted else an - ap
     if kind == 3:
         return tm > margin
     cond = tm <= margin
@@ -29,8 +28,72 @@ def triplet_condition(ap: Tensor, an: Tensor, margin: float, kind: int, is_inver
     return cond
 
 
+def masked_pair_values(mat: Tensor, pos: Tensor, neg: Tensor, kind: int, is_inverted: bool):
+    """Anchor-positive and anchor-negative values with the pair masks folded in.
+
+    Non-positive (non-negative) entries become +-inf such that every triplet using one
+    gets the margin +inf (-inf for ``"easy"``), which no condition accepts, and never
+    NaN. Valid triplets' margins are computed exactly as before. This replaces two
+    N x M x M boolean ANDs with N x M fills.
+
+    Returns:
+        (ap Tensor[N, M, 1], an Tensor[N, 1, M])
+    """
+    big = float("-inf") if kind == 3 else float("inf")
+    if is_inverted:   # margin = ap - an
+        ap = mat.masked_fill(~pos, big)
+        an = mat.masked_fill(~neg, -big)
+    else:             # margin = an - ap
+        ap = mat.masked_fill(~pos, -big)
+        an = mat.masked_fill(~neg, big)
+    return ap.unsqueeze(2), an.unsqueeze(1)
+
+
+def triplet_margins(ap: Tensor, an: Tensor, is_inverted: bool) -> Tensor:
+    return ap - an if is_inverted else an - ap
+
+
+def margin_thresholds(ap: Tensor, margin: float) -> Tensor:
+    """For each value ``ap >= 0``, the largest ``t`` such that ``fl(x - ap) <= margin``
+    exactly when ``x <= t`` (floating-point subtraction is monotone in ``x``).
+
+    Requires ``ap >= 0`` (or +-inf) and ``margin >= 0``: then ``t0 = fl(ap + margin)`` is
+    at least ``margin``, the spacing of floats at ``t0`` is at least that at ``margin``,
+    and the answer lies within two or three representable steps of ``t0``; four
+    ``nextafter`` steps each way find it. (Near zero, where floats are denser than at
+    ``margin``, no fixed number of steps would do; callers use subtraction there.)
+    +-inf map to themselves.
+    """
+    t = ap + margin
+    inf = torch.full_like(t, float("inf"))
+    for _ in range(4):
+        down = torch.nextafter(t, -inf)
+        t = torch.where((t - ap) > margin, down, t)
+    for _ in range(4):
+        up = torch.nextafter(t, inf)
+        t = torch.where((up - ap) <= margin, up, t)
+    return t
+
+
+def _select_into(out: Tensor, ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> None:
+    """Write PML's triplet test for distances into ``out`` [b, M, M], comparisons only:
+    ``fl(an - ap) <= margin`` is ``an <= thr`` (:func:`margin_thresholds`), and the sign of
+    ``fl(an - ap)`` is the sign of ``an - ap``. ``ap`` [b, M, 1], ``an`` [b, 1, M],
+    ``thr`` [b, M, 1].
+    """
+    if kind == 0:
+        torch.le(an, thr, out=out)
+    elif kind == 1:    # and an - ap <= 0, i.e. an <= ap
+        torch.le(an, torch.minimum(thr, ap), out=out)
+    elif kind == 2:    # and an > ap
+        torch.le(an, thr, out=out)
+        out.bitwise_and_(an > ap)
+    else:
+        torch.gt(an, thr, out=out)
+
+
 def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, kind: int,
-                         is_inverted: bool) -> Tensor:
+                         is_inverted: bool, nonnegative: bool = False) -> Tensor:
     """Fixed-shape TripletMarginMiner kernel.
 
     Args:
@@ -40,25 +103,33 @@ def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, k
         margin: the margin.
         kind: 0 all, 1 hard, 2 semihard, 3 easy.
         is_inverted: ``mat`` holds similarities.
+        nonnegative: ``mat`` holds distances that are never negative (L_p, SNR).
 
     Returns:
         Tensor[N, M(positive), M(negative)] bool: the selected triplets.
 
-    In eager/TorchScript the margins are computed in row blocks so that only the boolean
-    result is N x M x M; an exported graph computes one block (its anchor block).
+    For non-negative distances and a non-negative margin (eager/TorchScript, float32/64)
+    no per-triplet float is computed: the margin test becomes one comparison of the
+    anchor-negative value with an exact per-pair threshold (:func:`margin_thresholds`),
+    written straight into the mask. Otherwise (similarities, negative margins, half
+    precision, and the exported graph, as ONNX has no ``nextafter``) the margins are
+    computed in row blocks and compared; both give PML's result exactly. The miner's
+    forward decodes anchor blocks, so the whole mask never exists at once.
     """
     n, m = mat.size(0), mat.size(1)
+    ap, an = masked_pair_values(mat, pos, neg, kind, is_inverted)
     if _ops.is_exporting():
-        cond = triplet_condition(mat.unsqueeze(2), mat.unsqueeze(1), margin, kind, is_inverted)
-        return cond & lmu.triplet_mask(pos, neg)
+        return triplet_condition(triplet_margins(ap, an, is_inverted), margin, kind)
     out = torch.empty((n, m, m), dtype=torch.bool, device=mat.device)
+    half = mat.dtype == torch.float16 or mat.dtype == torch.bfloat16
+    if nonnegative and not is_inverted and margin >= 0 and not half:
+        _select_into(out, ap, an, margin_thresholds(ap, margin), kind)
+        return out
     # rows per block: a block's float margins stay within max(N*M, 2^22) elements
     per = max(1, max(n * m, 4194304) // max(1, m * m))
     for s in range(0, n, per):
         e = min(n, s + per)
-        block = mat[s:e]
-        cond = triplet_condition(block.unsqueeze(2), block.unsqueeze(1), margin, kind, is_inverted)
-        out[s:e] = cond & lmu.triplet_mask(pos[s:e], neg[s:e])
+        out[s:e] = triplet_condition(triplet_margins(ap[s:e], an[s:e], is_inverted), margin, kind)
     return out
 
 
@@ -80,21 +151,15 @@ def capped_triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: f
         ``[valid Tensor[N, k] bool, positive Tensor[N, k], negative Tensor[N, k]]``.
     """
     n, m = mat.size(0), mat.size(1)
-    exporting = _ops.is_exporting()
-    per = n if exporting else max(1, max(n * m, 4194304) // max(1, m * m))
+    ap, an = masked_pair_values(mat, pos, neg, kind, is_inverted)
+    per = n if _ops.is_exporting() else max(1, max(n * m, 4194304) // max(1, m * m))
     vals: List[Tensor] = []
     idxs: List[Tensor] = []
     for s in range(0, n, per):
         e = min(n, s + per)
-        block = mat[s:e]
-        ap = block.unsqueeze(2)
-        an = block.unsqueeze(1)
-        cond = triplet_condition(ap, an, margin, kind, is_inverted) & \
-            lmu.triplet_mask(pos[s:e], neg[s:e])
-        if noise is None:
-            score = (an - ap) if is_inverted else (ap - an)  # larger = harder
-        else:
-            score = noise[s:e].to(block.dtype)
+        tm = triplet_margins(ap[s:e], an[s:e], is_inverted)
+        cond = triplet_condition(tm, margin, kind)
+        score = -tm if noise is None else noise[s:e].to(mat.dtype)   # larger = chosen first
         score = score.masked_fill(~cond, float("-inf")).reshape(e - s, m * m)
         pad = torch.full_like(score[:, :1], float("-inf")).expand(e - s, k)
         v, i = torch.topk(torch.cat([score, pad], dim=1), k, dim=1)
@@ -106,7 +171,7 @@ def capped_triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: f
     return [valid, torch.div(i, m, rounding_mode="floor"), i % m]
 
 
-class TripletMarginMiner(TripletKernelMiner):
+class TripletMarginMiner(DenseTripletKernelMiner):
     """Triplets whose margin ``d(a, n) - d(a, p)`` is at most ``margin``.
 
     Args:
@@ -121,7 +186,8 @@ class TripletMarginMiner(TripletKernelMiner):
             random, reproducible under ``torch.manual_seed`` / a seed).
         **kwargs: :class:`BaseMiner` arguments (``distance=`` ...).
 
-    Kernel: :func:`triplet_margin_miner`, one Tensor[N, M, M] bool mask.
+    Kernel: :func:`triplet_margin_miner`, one Tensor[N, M, M] bool mask (or the capped
+    slots).
 
     Example:
         >>> miner = TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
@@ -132,6 +198,7 @@ class TripletMarginMiner(TripletKernelMiner):
     kind: int
     cap: int
     random_cap: bool
+    nonnegative: bool
 
     def __init__(self, margin: float = 0.2, type_of_triplets: str = "all",
                  max_triplets_per_anchor: Optional[int] = None, cap_order: str = "hardest",
@@ -148,20 +215,28 @@ class TripletMarginMiner(TripletKernelMiner):
             self.cap = check_positive_int(max_triplets_per_anchor, "max_triplets_per_anchor")
             self.layout = [[0, -1, 1, 2]]
         self.random_cap = self.cap > 0 and cap_order == "random"
+        # L_p and SNR distances (with a positive power) are never negative
+        self.nonnegative = isinstance(self.distance, (LpDistance, SNRDistance)) \
+            and self.distance.power > 0
 
     def noise_shape(self, n: int, m: int) -> List[int]:
         return [n, m, m] if self.random_cap else []
 
-    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+    def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         mat = self.distance(embeddings, ref_emb)
         pos, neg = lmu.pair_masks(labels, ref_labels)
+        return [mat, pos, neg], []
+
+    def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
+                     noise: Optional[Tensor]) -> List[Tensor]:
+        mat, pos, neg = rows[0], rows[1], rows[2]
         if self.cap > 0:
             return capped_triplet_margin_miner(mat, pos, neg, self.margin, self.kind,
                                                self.distance.is_inverted, self.cap,
                                                noise if self.random_cap else None)
         return [triplet_margin_miner(mat, pos, neg, self.margin, self.kind,
-                                     self.distance.is_inverted)]
+                                     self.distance.is_inverted, self.nonnegative)]
 
     def extra_repr(self) -> str:
         cap = "" if self.cap == 0 else f", max_triplets_per_anchor={self.cap}, cap_order={self.cap_order!r}"
