@@ -30,22 +30,39 @@ def hdc_miner(mat: Tensor, pos: Tensor, neg: Tensor, filter_percentage: float,
               is_inverted: bool) -> List[Tensor]:
     """Fixed-shape HDCMiner kernel over all pairs.
 
+    One stable sort of all N*M pair values serves both pools: within the sorted order,
+    a pool's rank from the small end is its running count, and from the large end its
+    total minus that count.
+
     Args:
         mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
 
     Returns:
         ``[pos_sel Tensor[N*M] bool, neg_sel Tensor[N*M] bool, row Tensor[N*M],
-        col Tensor[N*M]]``: the hardest ``filter_percentage`` of positive pairs
-        (farthest) and of negative pairs (closest), over the row-major flattened pairs,
-        with each flat pair's row and column. (Flat outputs keep the exported graph free
-        of reshapes to a symbolic shape, which would need Shape nodes.)
+        col Tensor[N*M]]`` over the pairs in sorted order: the hardest
+        ``filter_percentage`` of positive pairs (farthest) and of negative pairs
+        (closest), with each pair's row and column. (Flat outputs keep the exported graph
+        free of reshapes to a symbolic shape.)
     """
     flat = mat.reshape(-1)
-    index = _ops.index_like(flat, 0)
+    order = torch.argsort(flat, stable=True)
     m = _ops.ones_int_like(mat[0]).sum()
-    return [hdc_select(flat, pos.reshape(-1), filter_percentage, not is_inverted),
-            hdc_select(flat, neg.reshape(-1), filter_percentage, is_inverted),
-            torch.div(index, m, rounding_mode="floor"), index % m]
+    pos_s = pos.reshape(-1)[order]
+    neg_s = neg.reshape(-1)[order]
+    # positives: farthest first (largest distance / smallest similarity)
+    pos_sel = _take_from_end(pos_s, filter_percentage, largest=not is_inverted)
+    neg_sel = _take_from_end(neg_s, filter_percentage, largest=is_inverted)
+    return [pos_sel, neg_sel, torch.div(order, m, rounding_mode="floor"), order % m]
+
+
+def _take_from_end(pool_sorted: Tensor, filter_percentage: float, largest: bool) -> Tensor:
+    """In ascending order, mark the ``ceil(f * count)`` pool members from one end."""
+    running = torch.cumsum(pool_sorted.to(torch.int64), 0)
+    total = running[-1]
+    k = torch.ceil(total.to(torch.float64) * filter_percentage).to(torch.int64)
+    if largest:
+        return pool_sorted & (running > total - k)
+    return pool_sorted & (running <= k)
 
 
 class HDCMiner(PairKernelMiner):

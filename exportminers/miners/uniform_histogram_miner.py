@@ -19,35 +19,50 @@ def histogram_edges(low: Tensor, high: Tensor, num_bins: int) -> Tensor:
     return torch.where(i < half, low + step * i, high - step * (float(steps - 1) - i))
 
 
-def uniform_histogram_side(values: Tensor, sel: Tensor, num_bins: int, u: Tensor) -> List[Tensor]:
-    """Sample ``K`` pairs per non-empty bin, uniformly with replacement.
+def bin_index(values: Tensor, edges: Tensor, low: Tensor, high: Tensor, num_bins: int) -> Tensor:
+    """Bin of each value: the number of interior edges ``<= value``.
+
+    The bins have equal width, so the bin is computed arithmetically and then corrected
+    by one against the exact edges (rounding can put a value next to an edge on the
+    wrong side); no search or sort. All values in one point (``low == high``) fall in
+    the last bin, as with the edge count.
 
     Args:
-        values: Tensor[N, M] pair values; sel: Tensor[N, M] bool, the pool.
-        u: Tensor[num_bins, K] uniform [0, 1).
-
-    Returns:
-        ``[valid Tensor[num_bins, K] bool, anchor Tensor[num_bins, K], other Tensor[num_bins, K]]``.
-        Bins span [min, max] of the pool in ``num_bins`` equal steps, each closed on the
-        left and open on the right except the last.
+        values: Tensor[L] in [low, high] (others give some bin, masked by the caller).
+        edges: Tensor[num_bins + 1] from :func:`histogram_edges`.
     """
-    m = _ops.ones_int_like(values[0]).sum()  # M from data: no Shape node when exported
-    flat = values.reshape(-1)
-    pool = sel.reshape(-1)
+    step = (high - low) / float(num_bins)
+    safe_step = torch.where(step > 0, step, torch.ones_like(step))  # step 0: see below
+    guess = torch.floor((values - low) / safe_step)
+    b = guess.clamp(0, num_bins - 1).to(torch.int64)
+    b = b + (values >= edges[b + 1]).to(torch.int64) - (values < edges[b]).to(torch.int64)
+    b = b.clamp(0, num_bins - 1)
+    return torch.where(step > 0, b, num_bins - 1)
+
+
+def pool_bins(flat: Tensor, pool: Tensor, num_bins: int) -> Tensor:
+    """Histogram bin of every value of a pool (bins span [min, max] of the pool in
+    ``num_bins`` equal steps, closed on the left, open on the right except the last).
+    Entries outside the pool get some bin; callers mask them.
+
+    Args:
+        flat: Tensor[L] pair values; pool: Tensor[L] bool.
+    """
     low = flat.masked_fill(~pool, float("inf")).min()
     high = flat.masked_fill(~pool, float("-inf")).max()
-    edges = histogram_edges(low, high, num_bins)
-    interior = edges[1:num_bins].unsqueeze(0)
-    bins = _ops.searchsorted_rows(interior, flat.unsqueeze(0), True).reshape(-1)
-    bins = torch.where(pool, bins, num_bins)
-    counts = torch.zeros(num_bins + 1, dtype=torch.int64, device=values.device)
-    counts = counts.scatter_add(0, bins, _ops.ones_int_like(bins))[:num_bins]
-    order = torch.argsort(bins, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
+    return bin_index(flat, histogram_edges(low, high, num_bins), low, high, num_bins)
+
+
+def _sample_bins(order: Tensor, counts: Tensor, offsets: Tensor, u: Tensor, last: Tensor,
+                 m: Tensor) -> List[Tensor]:
+    """``K`` uniform draws (with replacement) from each bin's members.
+
+    Members of bin ``j`` are ``order[offsets[j] : offsets[j] + counts[j]]``.
+    Returns ``[valid [B, K] bool, anchor [B, K], other [B, K]]``.
+    """
     c = counts.unsqueeze(1)
     r = torch.floor(u * c.to(torch.float64)).to(torch.int64)
     r = torch.minimum(r, (c - 1).clamp(min=0))
-    last = _ops.ones_int_like(bins).sum() - 1           # N*M - 1, from data (no Shape)
     pick = order[torch.minimum(offsets.unsqueeze(1) + r, last)]
     valid = (c > 0) & (pick >= 0)                        # broadcast to [num_bins, K]
     return [valid, torch.div(pick, m, rounding_mode="floor"), pick % m]
@@ -55,10 +70,36 @@ def uniform_histogram_side(values: Tensor, sel: Tensor, num_bins: int, u: Tensor
 
 def uniform_histogram_miner(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int,
                             noise_pos: Tensor, noise_neg: Tensor) -> List[Tensor]:
-    """Fixed-shape UniformHistogramMiner kernel: :func:`uniform_histogram_side` for the
-    positive pairs and for the negative pairs (six outputs)."""
-    return uniform_histogram_side(mat, pos, num_bins, noise_pos) + \
-        uniform_histogram_side(mat, neg, num_bins, noise_neg)
+    """Fixed-shape UniformHistogramMiner kernel.
+
+    Every pair gets a key: its bin among the positive pairs, ``num_bins`` + its bin among
+    the negative pairs, or ``2 * num_bins`` (neither). One stable sort by key lays out
+    each bin's members contiguously, in index order; ``K`` members are then drawn
+    uniformly with replacement from each non-empty bin.
+
+    Args:
+        mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
+        noise_pos: Tensor[num_bins, pos_per_bin]; noise_neg: Tensor[num_bins, neg_per_bin]
+            uniform [0, 1).
+
+    Returns:
+        ``[valid, a1, p]`` (each Tensor[num_bins, pos_per_bin]) then ``[valid, a2, n]``
+        (each Tensor[num_bins, neg_per_bin]).
+    """
+    m = _ops.ones_int_like(mat[0]).sum()  # M from data: no Shape node when exported
+    flat = mat.reshape(-1)
+    pos_f = pos.reshape(-1)
+    neg_f = neg.reshape(-1)
+    key = torch.where(pos_f, pool_bins(flat, pos_f, num_bins),
+                      torch.where(neg_f, pool_bins(flat, neg_f, num_bins) + num_bins,
+                                  2 * num_bins))
+    counts = torch.zeros(2 * num_bins + 1, dtype=torch.int64, device=mat.device)
+    counts = counts.scatter_add(0, key, _ops.ones_int_like(key))[:2 * num_bins]
+    order = torch.argsort(key, stable=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    last = _ops.ones_int_like(key).sum() - 1           # N*M - 1, from data (no Shape)
+    return _sample_bins(order, counts[:num_bins], offsets[:num_bins], noise_pos, last, m) + \
+        _sample_bins(order, counts[num_bins:], offsets[num_bins:], noise_neg, last, m)
 
 
 class UniformHistogramMiner(PairKernelMiner):
