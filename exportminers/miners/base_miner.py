@@ -162,6 +162,12 @@ def _empty_long(like: Tensor) -> Tensor:
 class KernelMinerMixin:
     """Pieces shared by the built-in (kernel + layout) miners."""
 
+    layout: List[List[int]]
+
+    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+        raise NotImplementedError
+
     def noise_shape(self, n: int, m: int) -> List[int]:
         """Shape of the uniform [0, 1) noise the kernel consumes ([] for none)."""
         return []
@@ -172,25 +178,27 @@ class KernelMinerMixin:
             return None
         return torch.rand(shape, device=embeddings.device, dtype=torch.float64)
 
-
-class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
-    """Base of the built-in miners returning ``(a, p, n)``."""
-
-    layout: List[List[int]]
-
-    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
-        raise NotImplementedError
+    def empty_outputs(self, like: Tensor) -> List[Tensor]:
+        """One empty int64 tensor per decoded output (the layout's field count)."""
+        out: List[Tensor] = []
+        for part in self.layout:
+            for _ in range(len(part) - 1):
+                out.append(_empty_long(like))
+        return out
 
     def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
              ref_labels: Optional[Tensor]) -> List[Tensor]:
+        """Kernel, then the shared decode; an empty batch or reference set gives empties."""
         n = embeddings.size(0)
         m = n if ref_emb is None else ref_emb.size(0)
         if n == 0 or m == 0:
-            e = _empty_long(embeddings)
-            return [e, e.clone(), e.clone()]
+            return self.empty_outputs(embeddings)
         noise = self.make_noise(embeddings, n, m)
         return decode(self.kernel(embeddings, labels, ref_emb, ref_labels, noise), self.layout)
+
+
+class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
+    """Base of the built-in miners returning ``(a, p, n)``."""
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -233,8 +241,7 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         n = embeddings.size(0)
         m = n if ref_emb is None else ref_emb.size(0)
         if n == 0 or m == 0:
-            e = _empty_long(embeddings)
-            return [e, e.clone(), e.clone()]
+            return self.empty_outputs(embeddings)
         rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
         per = max(1, 67108864 // max(1, m * m))
         a: List[Tensor] = []
@@ -253,22 +260,6 @@ class DenseTripletKernelMiner(TripletKernelMiner):
 
 class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
     """Base of the built-in miners returning ``(a1, p, a2, n)``."""
-
-    layout: List[List[int]]
-
-    def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
-        raise NotImplementedError
-
-    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-             ref_labels: Optional[Tensor]) -> List[Tensor]:
-        n = embeddings.size(0)
-        m = n if ref_emb is None else ref_emb.size(0)
-        if n == 0 or m == 0:
-            e = _empty_long(embeddings)
-            return [e, e.clone(), e.clone(), e.clone()]
-        noise = self.make_noise(embeddings, n, m)
-        return decode(self.kernel(embeddings, labels, ref_emb, ref_labels, noise), self.layout)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

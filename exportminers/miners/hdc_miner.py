@@ -133,8 +133,7 @@ class HDCMiner(PairKernelMiner):
             nq = embeddings.size(0)
             m = nq if ref_emb is None else ref_emb.size(0)
             if nq == 0 or m == 0:
-                e = torch.empty(0, dtype=torch.int64, device=embeddings.device)
-                return [e, e.clone(), e.clone(), e.clone()]
+                return self.empty_outputs(embeddings)
             return decode(self.kernel(embeddings, labels, ref_emb, ref_labels, None), self.layout)
         m = embeddings.size(0) if ref_emb is None else ref_emb.size(0)
         for idx, bound, what in ((a1, embeddings.size(0), "anchor"), (a2, embeddings.size(0), "anchor"),

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ops
-from ..decode import decode
 from ..losses import TripletMarginLoss
 from ..utils.checks import check_inputs, check_positive_int
 from .base_miner import BasePreGradientMiner, KernelMinerMixin
@@ -78,14 +77,6 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
         best = torch.argmax(torch.stack(losses).to(torch.float64)).reshape(1)
         chosen = torch.index_select(subsets, 0, best).reshape(-1)
         return [chosen >= 0, chosen]
-
-    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-             ref_labels: Optional[Tensor]) -> List[Tensor]:
-        if embeddings.size(0) == 0:
-            return [torch.empty(0, dtype=torch.int64, device=embeddings.device)]
-        noise = torch.rand(self.noise_shape(embeddings.size(0), embeddings.size(0)),
-                           device=embeddings.device, dtype=torch.float64)
-        return decode(self.kernel(embeddings, labels, None, None, noise), self.layout)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tensor:
