@@ -98,7 +98,9 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def time_table(rows, notes) -> List[str]:
+def _impl_table(rows, notes, value) -> List[str]:
+    """Markdown table, one row per (miner, N), one column per implementation;
+    ``value(idx, miner, n, impl, row)`` formats a cell."""
     idx = _index(rows)
     miners, sizes, impls = _order(rows)
     shown = _shown_impls(rows, impls)
@@ -108,36 +110,31 @@ def time_table(rows, notes) -> List[str]:
         for n in sizes:
             if not any((m, n, k) in idx for k in shown):
                 continue
-            cells = []
-            for k in shown:
-                r = idx.get((m, n, k))
-                val = common.fmt_ms(r.get("median_ms")) if r else ""
-                rt = ratio(idx, m, n, k) if k != "pml" else None
-                if rt is not None:
-                    val += f" ({common.fmt_ratio(rt)})"
-                cells.append(_cell(r, val, notes))
+            cells = [_cell(idx.get((m, n, k)), value(idx, m, n, k, idx.get((m, n, k))), notes)
+                     for k in shown]
             out.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
     return out
+
+
+def _time_cell(idx, m, n, k, r) -> str:
+    val = common.fmt_ms(r.get("median_ms")) if r else ""
+    rt = ratio(idx, m, n, k) if k != "pml" else None
+    if rt is not None:
+        val += f" ({common.fmt_ratio(rt)})"
+    return val
+
+
+def _memory_cell(idx, m, n, k, r) -> str:
+    mb = r.get("peak_mem_mb") if r else None
+    return "-" if mb is None else f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
+
+
+def time_table(rows, notes) -> List[str]:
+    return _impl_table(rows, notes, _time_cell)
 
 
 def memory_table(rows, notes) -> List[str]:
-    idx = _index(rows)
-    miners, sizes, impls = _order(rows)
-    shown = _shown_impls(rows, impls)
-    out = ["| Miner | N | " + " | ".join(_label(k) for k in shown) + " |",
-           "|---|---:|" + "---:|" * len(shown)]
-    for m in miners:
-        for n in sizes:
-            if not any((m, n, k) in idx for k in shown):
-                continue
-            cells = []
-            for k in shown:
-                r = idx.get((m, n, k))
-                mb = r.get("peak_mem_mb") if r else None
-                cells.append(_cell(r, "-" if mb is None else f"{mb:.0f}" if mb >= 10
-                                   else f"{mb:.1f}", notes))
-            out.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
-    return out
+    return _impl_table(rows, notes, _memory_cell)
 
 
 def cpu_ratio(idx, miner: str, n: int, impl: str) -> Optional[float]:
