@@ -149,3 +149,30 @@ def test_short_and_no_positive_are_reported(tmp_path):
     assert s["no_positive"]["count"] >= 1 and 0 in s["no_positive"]["example_query_ids"]
     assert s["short_of_negatives"]["count"] == sum(r["status"] == "short" for r in rows)
     assert "why" in s["short_of_negatives"]
+
+
+@pytest.mark.parametrize("blocks", [(5, 10), (4, 7), (3, 3), (16, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+def test_masked_rows_never_reach_short_queries(tmp_path, metric, blocks):
+    # Queries short of negatives expose every masked slot: padding rows and a NaN row.
+    # (L2 once turned +inf into a finite distance through ONNX Clip, so the NaN row came
+    # back as a negative scored 1.8e19, or a padding row crashed the merge.)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 8)).astype(np.float32)
+    x[3] = np.nan
+    y = np.array([0] * 9 + [1])
+    _, rows = _run(tmp_path, x, y, blocks=blocks, k=3, metric=metric)
+    valid = [i for i in range(10) if i != 3]
+    for r in rows:
+        assert all(np.isfinite(r["neg_scores"])) and all(np.isfinite(r["pos_scores"]))
+        assert 3 not in r["neg_ids"] and 3 not in r["pos_ids"]
+    assert rows[3]["status"] == "excluded_nonfinite"
+    for i in valid[:-1]:
+        assert rows[i]["neg_ids"] == [9] and rows[i]["status"] == "short", rows[i]
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x
+    cand = [i for i in valid if i != 9]
+    if metric == "l2":
+        order = sorted(cand, key=lambda j: (np.linalg.norm(xs[9] - xs[j]), j))
+    else:
+        order = sorted(cand, key=lambda j: (-float(xs[9] @ xs[j]), j))
+    assert rows[9]["neg_ids"] == order[:3]

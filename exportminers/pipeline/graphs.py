@@ -161,7 +161,11 @@ def _make_module(spec: GraphSpec):
             if spec.metric == "l2":
                 qn = (q * q).sum(dim=1).unsqueeze(1)
                 mn = ((m * m).sum(dim=1) - m_bias).unsqueeze(0)  # +inf on padding
-                c = -torch.sqrt(torch.clamp(qn + mn - 2.0 * qm, min=0.0))
+                # torch.maximum, not clamp: clamp exports as Clip, which ONNX Runtime
+                # saturates at the float maximum, so +inf (padding, excluded rows) would
+                # become a finite distance and reach the output
+                zero = torch.zeros((), dtype=qm.dtype)
+                c = -torch.sqrt(torch.maximum(qn + mn - 2.0 * qm, zero))
             else:
                 c = qm + m_bias.unsqueeze(0)
             same_label = q_label.unsqueeze(1) == m_label.unsqueeze(0)
