@@ -31,6 +31,9 @@ examples:
   # NV-Retriever TopK-PercPos, 5 negatives drawn at random from ranks 10..50
   %(prog)s emb.npy --labels y.npy --perc-pos 0.95 --range-min 10 --range-max 50 \\
       --sampling random -k 5 --out mined
+  # hardest negatives against a bank on a Ray cluster: 4 bank shards, 8 actors, 1 GPU each
+  %(prog)s queries.parquet --bank corpus/ --out mined --engine ray --address auto \\
+      --bank-shards 4 --num-actors 8 --num-gpus-per-actor 1
 """
 
 
@@ -84,10 +87,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--dtype", choices=["float16", "float32"], help="compute dtype (default: float16 on CUDA for cosine/dot, else float32)")
     e.add_argument("--block-size", help="QxM rows per query and bank block, or one number for both "
                    "(default: 4096x262144 on CUDA, 1024x8192 on CPU; Q*M < 2**31)")
-    e.add_argument("--shard-size", type=int, help="queries per output shard / resume unit (default: 16 query blocks)")
+    e.add_argument("--shard-size", type=int, help="queries per output shard / resume unit; with --engine ray: queries per Ray batch (default: 16 query blocks)")
     e.add_argument("--bank-cache-gb", type=float, help="keep the bank on the device up to this size (default: 4 CUDA, 1 CPU)")
     e.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = p.add_argument_group("Ray engine (--engine ray; needs pip install 'exportminers[ray]')")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: a Ray cluster, same results (default: %(default)s)")
+    r.add_argument("--address", help="Ray cluster address (auto, ray://head:10001, ...; default: "
+                   "RAY_ADDRESS, else a new local Ray instance)")
+    r.add_argument("--num-actors", type=int, help="actors per pass, spread over the bank shards (default: --bank-shards)")
+    r.add_argument("--num-gpus-per-actor", type=float, default=0,
+                   help="GPUs per actor; > 0 runs the block graphs on CUDA (default: %(default)s)")
+    r.add_argument("--num-cpus-per-actor", type=float, help="CPUs reserved per actor (default: 1, less on small clusters)")
+    r.add_argument("--bank-shards", type=int, default=1,
+                   help="split the bank into S shards, each held by its own actors (default: %(default)s)")
+    r.add_argument("--max-retries", type=int, default=3,
+                   help="restarts of a dead actor and retries of a failed batch (default: %(default)s)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -138,6 +155,21 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, plot=not args.no_plot,
         threads=args.threads, embedding_column=args.embedding_column,
         label_column=args.label_column, id_column=args.id_column)
+    if args.engine == "ray":
+        kw.update(engine="ray", ray_address=args.address, num_actors=args.num_actors,
+                  num_gpus_per_actor=args.num_gpus_per_actor,
+                  num_cpus_per_actor=args.num_cpus_per_actor, bank_shards=args.bank_shards,
+                  max_retries=args.max_retries)
+    else:
+        given = [f for f, v, d in (("--address", args.address, None),
+                                   ("--num-actors", args.num_actors, None),
+                                   ("--num-gpus-per-actor", args.num_gpus_per_actor, 0),
+                                   ("--num-cpus-per-actor", args.num_cpus_per_actor, None),
+                                   ("--bank-shards", args.bank_shards, 1),
+                                   ("--max-retries", args.max_retries, 3)) if v != d]
+        if given:
+            print(f"error: {', '.join(given)} apply to --engine ray only", file=sys.stderr)
+            return 2
     try:
         if args.demo:
             if args.input or args.bank:
@@ -153,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             res = mine(args.input, args.labels, args.ids, bank=args.bank,
                        bank_labels=args.bank_labels, bank_ids=args.bank_ids,
                        out_dir=args.out or "mined", **kw)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_report(res)
@@ -165,8 +197,11 @@ def print_report(res) -> None:
     q = s["queries"]
     bank = s["inputs"]["bank"]
     against = "themselves" if isinstance(bank, str) else f"{bank['rows']:,} bank rows"
+    eng = s["engine"]
+    where = (f"with Ray ({eng['num_actors']} actor(s), {eng['bank_shards']} bank shard(s)) "
+             if eng.get("name") == "ray" else "")
     print(f"mined {q['mined']:,} of {q['total']:,} queries against {against} "
-          f"on {s['engine']['device']} ({s['engine']['dtype']})")
+          f"{where}on {eng['device']} ({eng['dtype']})")
     print(f"  ok: {q['ok']:,}  short of negatives: {q['short']:,}  no positive: "
           f"{q['no_positive']:,}  excluded: {q['excluded_nonfinite'] + q['excluded_missing_label']:,}")
     neg, pos = s["scores"]["negatives"], s["scores"]["hardest_positive"]

@@ -106,7 +106,10 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
          bank_cache_gb: Optional[float] = None, overwrite: bool = False,
          progress: bool = True, plot: bool = True, threads: Optional[int] = None,
          embedding_column: str = "embedding", label_column: str = "label",
-         id_column: str = "id") -> MineResult:
+         id_column: str = "id", engine: str = "local", ray_address: Optional[str] = None,
+         num_actors: Optional[int] = None, num_gpus_per_actor: float = 0,
+         num_cpus_per_actor: Optional[float] = None, bank_shards: int = 1,
+         max_retries: int = 3) -> MineResult:
     """Mine hard negatives and positives for every query against a bank, out of core.
 
     Queries and bank are streamed in blocks through a fixed-shape ONNX block graph on
@@ -136,6 +139,12 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         overwrite: discard shards left by a run with a different configuration.
         progress: progress bar with throughput on stderr.
         plot: write ``scores.png``.
+        engine: ``"local"`` (this process, the default) or ``"ray"``: the same mining on
+            a Ray cluster (needs ``pip install exportminers[ray]``); see
+            :func:`exportminers.pipeline.ray_engine.mine_ray` for ``ray_address``,
+            ``num_actors``, ``num_gpus_per_actor``, ``num_cpus_per_actor``,
+            ``bank_shards`` and ``max_retries`` (Ray engine only). With
+            ``engine="ray"``, ``shard_size`` is the number of queries per Ray batch.
 
     Returns:
         :class:`MineResult` with the output paths and the summary dict.
@@ -145,6 +154,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         >>> res.output  # out/mined.parquet, one row per query
     """
     t_start = time.time()
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if config is None:
         config = MineConfig(
             k=k, metric=metric, strategy=strategy, margin=margin, epsilon=epsilon,
@@ -153,57 +164,41 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             seed=seed, num_positives=num_positives, easiest_positive=easiest_positive,
             positive_ref=positive_ref, exclude_same_id=exclude_same_id)
     cfg = config
-    formats = list(formats or [])
-    for f in formats:
-        if f not in out_mod.FORMATS:
-            raise ValueError(f"formats: unknown format {f!r}; choose from {list(out_mod.FORMATS)}")
+    if engine == "ray":
+        from .ray_engine import mine_ray  # imports ray; the local engine never does
+
+        return mine_ray(
+            queries, labels, ids, bank=bank, bank_labels=bank_labels, bank_ids=bank_ids,
+            out_dir=out_dir, config=cfg, formats=formats, device=device, dtype=dtype,
+            block_size=block_size, batch_size=shard_size, overwrite=overwrite,
+            progress=progress, plot=plot, threads=threads,
+            embedding_column=embedding_column, label_column=label_column,
+            id_column=id_column, ray_address=ray_address, num_actors=num_actors,
+            num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor,
+            bank_shards=bank_shards, max_retries=max_retries, _t_start=t_start)
+    ray_only = dict(ray_address=(ray_address, None), num_actors=(num_actors, None),
+                    num_gpus_per_actor=(num_gpus_per_actor, 0),
+                    num_cpus_per_actor=(num_cpus_per_actor, None),
+                    bank_shards=(bank_shards, 1), max_retries=(max_retries, 3))
+    for name, (value, default) in ray_only.items():
+        if value != default:
+            raise ValueError(f"{name} applies to engine='ray' only (got {name}={value!r} with "
+                             "engine='local')")
+    formats = check_formats(formats)
     device = resolve_device(device)
-    if dtype is None:
-        dtype = "float16" if (device == "cuda" and cfg.metric != "l2") else "float32"
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    np_dtype = np.dtype(dtype)
+    dtype, np_dtype = resolve_dtype(dtype, device, cfg)
     bq, bm = _parse_block(block_size, device)
     check_block_sizes(bq, bm)
 
     # ---- inputs
-    cols = dict(embedding_column=embedding_column, label_column=label_column, id_column=id_column)
-    qsrc = open_source(queries, labels, ids, name="queries", **cols)
-    self_mode = bank is None
-    bsrc = qsrc if self_mode else open_source(bank, bank_labels, bank_ids, name="bank", **cols)
-    if qsrc.n == 0:
-        raise ValueError("queries: the input is empty (0 rows)")
-    if bsrc.n == 0:
-        raise ValueError("bank: the input is empty (0 rows)")
-    if qsrc.dim != bsrc.dim:
-        raise ValueError(f"embedding widths differ: queries have {qsrc.dim} columns, the bank "
-                         f"has {bsrc.dim}")
-    if qsrc.dim == 0:
-        raise ValueError("queries: embeddings have width 0")
-    scan_block = max(bq, min(bm, 65536))
-    qscan = scan_source(qsrc, scan_block, "queries")
-    bscan = qscan if self_mode else scan_source(bsrc, scan_block, "bank")
-    n_bank_ok = int(bscan.valid.sum())
-    if n_bank_ok == 0:
-        raise ValueError("bank: every row is excluded (NaN/inf embeddings or missing labels)")
-    if cfg.range_min + cfg.k > n_bank_ok:
-        raise ValueError(
-            f"k is larger than the bank: each query needs range_min + k = "
-            f"{cfg.range_min} + {cfg.k} ranked candidates but the bank has {n_bank_ok} "
-            "usable rows")
-    if cfg.num_positives > n_bank_ok:
-        raise ValueError(f"num_positives ({cfg.num_positives}) is larger than the bank "
-                         f"({n_bank_ok} usable rows)")
-    same_id = cfg.exclude_same_id
-    if same_id is None:
-        same_id = self_mode or (qsrc.has_ids and bsrc.has_ids)
+    inp = open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg, bq, bm,
+                      embedding_column=embedding_column, label_column=label_column,
+                      id_column=id_column)
+    qsrc, bsrc, qscan, bscan = inp.qsrc, inp.bsrc, inp.qscan, inp.bscan
+    same_id, kc, k_pos = inp.same_id, inp.kc, inp.k_pos
+    bq_eff, bm_eff = inp.bq_eff, inp.bm_eff
 
     # ---- blocks, graphs
-    kc = min(cfg.num_candidates, n_bank_ok)  # a random window past the bank's end is cut
-    k_pos = max(cfg.num_positives, 1)
-    bq_eff = min(bq, qsrc.n)
-    bm_eff = max(min(bm, bsrc.n), kc, k_pos)
-    check_block_sizes(bq_eff, bm_eff)
     if shard_size is None:
         shard_size = 16 * bq_eff
     if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
@@ -211,42 +206,15 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     shard_size = -(-int(shard_size) // bq_eff) * bq_eff
     n_shards = -(-qsrc.n // shard_size)
 
-    mk = "l2" if cfg.metric == "l2" else "dot"
-    easy = cfg.easiest_positive or (cfg.needs_positive and cfg.positive_ref == "easiest")
-    if cfg.needs_positive:
-        specs = [GraphSpec("pos", mk, easy=easy, dtype=dtype),
-                 GraphSpec("neg", mk, band=True, dtype=dtype)]
-    else:
-        specs = [GraphSpec("both", mk, band=cfg.has_band, easy=easy, dtype=dtype)]
+    specs = graph_specs(cfg, dtype)
     runners = [BlockRunner(s, device, threads) for s in specs]
 
     # ---- output folder and resume state
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
-    state = {
-        "config": cfg.to_json(), "dtype": dtype, "shard_size": shard_size,
-        "queries": qsrc.describe(), "bank": None if self_mode else bsrc.describe(),
-        "exclude_same_id": bool(same_id),
-        "data": [qscan.digest, bscan.digest],
-    }
-    fp = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
-    state["fingerprint"] = fp
-    state_path = out_dir / STATE_FILE
-    if state_path.is_file():
-        old = json.loads(state_path.read_text())
-        if old.get("fingerprint") != fp:
-            if not overwrite:
-                raise ValueError(
-                    f"{out_dir} holds results of a different run (configuration, inputs or "
-                    "shard size differ); pass overwrite=True (--overwrite) to discard them, or "
-                    "choose another out_dir")
-            shutil.rmtree(shard_dir, ignore_errors=True)
-            for f in ("mined.parquet",):
-                (out_dir / f).unlink(missing_ok=True)
-    elif overwrite:
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    out_mod.write_json(state, state_path)
+    state = run_state(cfg, dtype, inp)
+    state["shard_size"] = shard_size
+    prepare_out_dir(out_dir, state, overwrite, shard_dir)
     shard_paths = [shard_dir / f"part-{i:05d}.parquet" for i in range(n_shards)]
     for p in shard_dir.glob("*.tmp"):
         p.unlink()  # partial writes of a killed run
@@ -327,6 +295,138 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     # ---- final outputs
     mined = out_dir / "mined.parquet"
     out_mod.concat_shards(shard_paths, mined)
+    engine_info = {"device": device, "dtype": dtype, "block_q": bq_eff, "block_m": bm_eff,
+                   "graphs": [s.filename for s in specs], "shards": n_shards,
+                   "shards_run_now": len(todo), "shard_size": shard_size,
+                   "bank_cached_on_device": bool(cache_bank)}
+    qps = round(todo_rows / mine_seconds, 1) if todo and mine_seconds > 0 else None
+    return finish_outputs(cfg, inp, out_dir, mined, formats, plot, engine_info, t_start,
+                          mine_seconds, qps)
+
+
+# --------------------------------------------------------------------------- shared steps
+# (used by the local engine above and by the Ray engine in ray_engine.py)
+
+def check_formats(formats) -> List[str]:
+    formats = list(formats or [])
+    for f in formats:
+        if f not in out_mod.FORMATS:
+            raise ValueError(f"formats: unknown format {f!r}; choose from {list(out_mod.FORMATS)}")
+    return formats
+
+
+def resolve_dtype(dtype: Optional[str], device: str, cfg: MineConfig):
+    if dtype is None:
+        dtype = "float16" if (device == "cuda" and cfg.metric != "l2") else "float32"
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    return dtype, np.dtype(dtype)
+
+
+@dataclass
+class Inputs:
+    """Opened and scanned inputs, with the sizes every engine derives from them."""
+
+    qsrc: Source
+    bsrc: Source
+    self_mode: bool
+    qscan: Scan
+    bscan: Scan
+    same_id: bool
+    kc: int  # negative candidates kept per query
+    k_pos: int  # hardest positives kept per query
+    bq_eff: int
+    bm_eff: int
+
+
+def open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg: MineConfig,
+                bq: int, bm: int, **cols) -> Inputs:
+    """Open both sides, scan them for bad rows and check the configuration fits."""
+    qsrc = open_source(queries, labels, ids, name="queries", **cols)
+    self_mode = bank is None
+    bsrc = qsrc if self_mode else open_source(bank, bank_labels, bank_ids, name="bank", **cols)
+    if qsrc.n == 0:
+        raise ValueError("queries: the input is empty (0 rows)")
+    if bsrc.n == 0:
+        raise ValueError("bank: the input is empty (0 rows)")
+    if qsrc.dim != bsrc.dim:
+        raise ValueError(f"embedding widths differ: queries have {qsrc.dim} columns, the bank "
+                         f"has {bsrc.dim}")
+    if qsrc.dim == 0:
+        raise ValueError("queries: embeddings have width 0")
+    scan_block = max(bq, min(bm, 65536))
+    qscan = scan_source(qsrc, scan_block, "queries")
+    bscan = qscan if self_mode else scan_source(bsrc, scan_block, "bank")
+    n_bank_ok = int(bscan.valid.sum())
+    if n_bank_ok == 0:
+        raise ValueError("bank: every row is excluded (NaN/inf embeddings or missing labels)")
+    if cfg.range_min + cfg.k > n_bank_ok:
+        raise ValueError(
+            f"k is larger than the bank: each query needs range_min + k = "
+            f"{cfg.range_min} + {cfg.k} ranked candidates but the bank has {n_bank_ok} "
+            "usable rows")
+    if cfg.num_positives > n_bank_ok:
+        raise ValueError(f"num_positives ({cfg.num_positives}) is larger than the bank "
+                         f"({n_bank_ok} usable rows)")
+    same_id = cfg.exclude_same_id
+    if same_id is None:
+        same_id = self_mode or (qsrc.has_ids and bsrc.has_ids)
+    kc = min(cfg.num_candidates, n_bank_ok)  # a random window past the bank's end is cut
+    k_pos = max(cfg.num_positives, 1)
+    bq_eff = min(bq, qsrc.n)
+    bm_eff = max(min(bm, bsrc.n), kc, k_pos)
+    check_block_sizes(bq_eff, bm_eff)
+    return Inputs(qsrc, bsrc, self_mode, qscan, bscan, bool(same_id), kc, k_pos, bq_eff, bm_eff)
+
+
+def graph_specs(cfg: MineConfig, dtype: str) -> List[GraphSpec]:
+    """One graph (``both``) when the negative band does not depend on the positives,
+    else two passes: ``pos`` (positives first), then ``neg`` with the band."""
+    mk = "l2" if cfg.metric == "l2" else "dot"
+    easy = cfg.easiest_positive or (cfg.needs_positive and cfg.positive_ref == "easiest")
+    if cfg.needs_positive:
+        return [GraphSpec("pos", mk, easy=easy, dtype=dtype),
+                GraphSpec("neg", mk, band=True, dtype=dtype)]
+    return [GraphSpec("both", mk, band=cfg.has_band, easy=easy, dtype=dtype)]
+
+
+def run_state(cfg: MineConfig, dtype: str, inp: Inputs) -> dict:
+    return {
+        "config": cfg.to_json(), "dtype": dtype,
+        "queries": inp.qsrc.describe(), "bank": None if inp.self_mode else inp.bsrc.describe(),
+        "exclude_same_id": bool(inp.same_id),
+        "data": [inp.qscan.digest, inp.bscan.digest],
+    }
+
+
+def prepare_out_dir(out_dir: Path, state: dict, overwrite: bool, work_dir: Path) -> None:
+    """Refuse (or with ``overwrite`` discard) results of a different run; write the
+    run's state file; create ``work_dir`` (the engine's partial results)."""
+    fp = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+    state["fingerprint"] = fp
+    state_path = out_dir / STATE_FILE
+    if state_path.is_file():
+        old = json.loads(state_path.read_text())
+        if old.get("fingerprint") != fp:
+            if not overwrite:
+                raise ValueError(
+                    f"{out_dir} holds results of a different run (configuration, inputs or "
+                    "shard size differ); pass overwrite=True (--overwrite) to discard them, or "
+                    "choose another out_dir")
+            shutil.rmtree(work_dir, ignore_errors=True)
+            for f in ("mined.parquet",):
+                (out_dir / f).unlink(missing_ok=True)
+    elif overwrite:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out_mod.write_json(state, state_path)
+
+
+def finish_outputs(cfg: MineConfig, inp: Inputs, out_dir: Path, mined: Path,
+                   formats: List[str], plot: bool, engine_info: dict, t_start: float,
+                   mine_seconds: float, queries_per_second: Optional[float]) -> MineResult:
+    """Flat files, excluded.json, the plot and summary.json from ``mined.parquet``."""
+    qsrc, bsrc, qscan, bscan = inp.qsrc, inp.bsrc, inp.qscan, inp.bscan
     files = {"mined": mined}
     for f in formats:
         p = out_dir / f"{f}.parquet"
@@ -337,7 +437,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         "queries": {"nonfinite_embedding": qscan.ids[qscan.nonfinite].tolist(),
                     "missing_label": qscan.ids[qscan.missing_label].tolist()},
     }
-    if not self_mode:
+    if not inp.self_mode:
         excluded_full["bank"] = {"nonfinite_embedding": bscan.ids[bscan.nonfinite].tolist(),
                                  "missing_label": bscan.ids[bscan.missing_label].tolist()}
     ex_path = out_dir / "excluded.json"
@@ -349,16 +449,12 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             files["plot"] = pp
     files["summary"] = out_dir / "summary.json"
     extra = {
-        "inputs": {"queries": qsrc.describe(), "bank": "queries (self-mining)" if self_mode
-                   else bsrc.describe(), "exclude_same_id": bool(same_id)},
-        "engine": {"device": device, "dtype": dtype, "block_q": bq_eff, "block_m": bm_eff,
-                   "graphs": [s.filename for s in specs], "shards": n_shards,
-                   "shards_run_now": len(todo), "shard_size": shard_size,
-                   "bank_cached_on_device": bool(cache_bank)},
+        "inputs": {"queries": qsrc.describe(), "bank": "queries (self-mining)" if inp.self_mode
+                   else bsrc.describe(), "exclude_same_id": bool(inp.same_id)},
+        "engine": engine_info,
         "timing": {"total_seconds": round(time.time() - t_start, 3),
                    "mining_seconds": round(mine_seconds, 3),
-                   "queries_per_second": (round(todo_rows / mine_seconds, 1)
-                                          if todo and mine_seconds > 0 else None)},
+                   "queries_per_second": queries_per_second},
         "files": {k_: str(v) for k_, v in files.items()},
     }
     summary = out_mod.build_summary(cfg, sc, excluded_full, extra)
