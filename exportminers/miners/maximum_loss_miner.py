@@ -67,13 +67,15 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
             raise ValueError("MaximumLossMiner.kernel needs noise of shape [num_trials, output_batch_size]")
         # the batch size as a tensor, so an exported graph keeps N dynamic
         n = _ops.ones_int_like(labels).sum()
-        emb = _ops.normalize(embeddings, 2.0) if self.normalize else embeddings
         subsets = torch.floor(noise * n.to(torch.float64)).to(torch.int64)
         subsets = torch.minimum(subsets, n - 1)
         losses: List[Tensor] = []
         for i in range(self.num_trials):
             idx = subsets[i]
-            losses.append(torch.as_tensor(self._subset_loss(emb[idx], labels[idx])).reshape(()))
+            emb = embeddings[idx]
+            if self.normalize:   # row-wise, so only the sampled rows need it
+                emb = _ops.normalize(emb, 2.0)
+            losses.append(torch.as_tensor(self._subset_loss(emb, labels[idx])).reshape(()))
         best = torch.argmax(torch.stack(losses).to(torch.float64)).reshape(1)
         chosen = torch.index_select(subsets, 0, best).reshape(-1)
         return [chosen >= 0, chosen]
