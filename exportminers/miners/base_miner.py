@@ -243,6 +243,12 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         if n == 0 or m == 0:
             return self.empty_outputs(embeddings)
         rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+        return self.mine_in_blocks(embeddings, rows, shared, m)
+
+    def mine_in_blocks(self, embeddings: Tensor, rows: List[Tensor], shared: List[Tensor],
+                       m: int) -> List[Tensor]:
+        """Run ``block_kernel`` and decode over blocks of anchor rows."""
+        n = rows[0].size(0)
         per = max(1, 67108864 // max(1, m * m))
         a: List[Tensor] = []
         p: List[Tensor] = []

@@ -8,6 +8,7 @@ from .. import _ops
 from ..distances import LpDistance, SNRDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_choice, check_number, check_positive_int
+from ..decode import decode
 from .base_miner import DenseTripletKernelMiner
 
 TRIPLET_TYPES = {"all": 0, "hard": 1, "semihard": 2, "easy": 3}
@@ -28,24 +29,29 @@ def triplet_condition(tm: Tensor, margin: float, kind: int) -> Tensor:
     return cond
 
 
-def masked_pair_values(mat: Tensor, pos: Tensor, neg: Tensor, kind: int, is_inverted: bool):
+def masked_pair_values(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg: Tensor, kind: int,
+                       is_inverted: bool):
     """Anchor-positive and anchor-negative values with the pair masks folded in.
 
     Non-positive (non-negative) entries become +-inf such that every triplet using one
     gets the margin +inf (-inf for ``"easy"``), which no condition accepts, and never
     NaN. Valid triplets' margins are computed exactly as before. This replaces two
-    N x M x M boolean ANDs with N x M fills.
+    N x P x M boolean ANDs with N x P and N x M fills.
+
+    Args:
+        ap_vals, pos: Tensor[N, P] positive-candidate values and validity.
+        an_vals, neg: Tensor[N, M] negative-candidate values and validity.
 
     Returns:
-        (ap Tensor[N, M, 1], an Tensor[N, 1, M])
+        (ap Tensor[N, P, 1], an Tensor[N, 1, M])
     """
     big = float("-inf") if kind == 3 else float("inf")
     if is_inverted:   # margin = ap - an
-        ap = mat.masked_fill(~pos, big)
-        an = mat.masked_fill(~neg, -big)
+        ap = ap_vals.masked_fill(~pos, big)
+        an = an_vals.masked_fill(~neg, -big)
     else:             # margin = an - ap
-        ap = mat.masked_fill(~pos, -big)
-        an = mat.masked_fill(~neg, big)
+        ap = ap_vals.masked_fill(~pos, -big)
+        an = an_vals.masked_fill(~neg, big)
     return ap.unsqueeze(2), an.unsqueeze(1)
 
 
@@ -94,7 +100,8 @@ def _select_into(out: Tensor, ap: Tensor, an: Tensor, thr: Tensor, kind: int) ->
 
 def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, kind: int,
                          is_inverted: bool, nonnegative: bool = False) -> Tensor:
-    """Fixed-shape TripletMarginMiner kernel.
+    """Fixed-shape TripletMarginMiner kernel: :func:`triplet_margin_candidates` with every
+    reference column as a positive candidate.
 
     Args:
         mat: Tensor[N, M] distances (or similarities if ``is_inverted``).
@@ -116,17 +123,33 @@ def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, k
     computed in row blocks and compared; both give PML's result exactly. The miner's
     forward decodes anchor blocks, so the whole mask never exists at once.
     """
-    n, m = mat.size(0), mat.size(1)
-    ap, an = masked_pair_values(mat, pos, neg, kind, is_inverted)
+    return triplet_margin_candidates(mat, pos, mat, neg, margin, kind, is_inverted, nonnegative)
+
+
+def triplet_margin_candidates(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg: Tensor,
+                              margin: float, kind: int, is_inverted: bool,
+                              nonnegative: bool = False) -> Tensor:
+    """The triplet test over P positive candidates and M negative candidates per anchor.
+
+    Args:
+        ap_vals, pos: Tensor[N, P] anchor-positive values and validity.
+        an_vals, neg: Tensor[N, M] anchor-negative values and validity.
+        margin, kind, is_inverted, nonnegative: as :func:`triplet_margin_miner`.
+
+    Returns:
+        Tensor[N, P, M] bool.
+    """
+    n, p, m = ap_vals.size(0), ap_vals.size(1), an_vals.size(1)
+    ap, an = masked_pair_values(ap_vals, pos, an_vals, neg, kind, is_inverted)
     if _ops.is_exporting():
         return triplet_condition(triplet_margins(ap, an, is_inverted), margin, kind)
-    out = torch.empty((n, m, m), dtype=torch.bool, device=mat.device)
-    half = mat.dtype == torch.float16 or mat.dtype == torch.bfloat16
+    out = torch.empty((n, p, m), dtype=torch.bool, device=an_vals.device)
+    half = an_vals.dtype == torch.float16 or an_vals.dtype == torch.bfloat16
     if nonnegative and not is_inverted and margin >= 0 and not half:
         _select_into(out, ap, an, margin_thresholds(ap, margin), kind)
         return out
     # rows per block: a block's float margins stay within max(N*M, 2^22) elements
-    per = max(1, max(n * m, 4194304) // max(1, m * m))
+    per = max(1, max(n * m, 4194304) // max(1, p * m))
     for s in range(0, n, per):
         e = min(n, s + per)
         out[s:e] = triplet_condition(triplet_margins(ap[s:e], an[s:e], is_inverted), margin, kind)
@@ -151,7 +174,7 @@ def capped_triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: f
         ``[valid Tensor[N, k] bool, positive Tensor[N, k], negative Tensor[N, k]]``.
     """
     n, m = mat.size(0), mat.size(1)
-    ap, an = masked_pair_values(mat, pos, neg, kind, is_inverted)
+    ap, an = masked_pair_values(mat, pos, mat, neg, kind, is_inverted)
     per = n if _ops.is_exporting() else max(1, max(n * m, 4194304) // max(1, m * m))
     vals: List[Tensor] = []
     idxs: List[Tensor] = []
@@ -237,6 +260,48 @@ class TripletMarginMiner(DenseTripletKernelMiner):
                                                noise if self.random_cap else None)
         return [triplet_margin_miner(mat, pos, neg, self.margin, self.kind,
                                      self.distance.is_inverted, self.nonnegative)]
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        """Eager/TorchScript mining. Each anchor's positive columns are gathered first
+        (P = the most positives any anchor has), so the triplet test runs over
+        [N, P, M] candidates instead of [N, M, M], with the same values and the same
+        row-major output; anchor blocks keep at most 2^26 candidates at a time. (The
+        exported kernel stays dense: P is data-dependent.)"""
+        n = embeddings.size(0)
+        m = n if ref_emb is None else ref_emb.size(0)
+        if n == 0 or m == 0:
+            return self.empty_outputs(embeddings)
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+        if self.cap > 0:
+            return self.mine_in_blocks(embeddings, rows, shared, m)
+        mat, pos, neg = rows[0], rows[1], rows[2]
+        count = pos.sum(dim=1)
+        p = int(count.max())
+        if p == 0:
+            return self.empty_outputs(embeddings)
+        # the r-th positive of a row goes to slot r; non-positives to a spare slot p
+        rank = torch.cumsum(pos.to(torch.int64), dim=1) - 1
+        slot = torch.where(pos, rank, torch.full_like(rank, p))
+        col = torch.arange(m, device=mat.device).unsqueeze(0).expand(n, m)
+        cols = torch.zeros((n, p + 1), dtype=torch.int64, device=mat.device)
+        cols = cols.scatter(1, slot, col)[:, :p]
+        p_ok = torch.arange(p, device=mat.device).unsqueeze(0) < count.unsqueeze(1)
+        ap_vals = torch.gather(mat, 1, cols)
+        per = max(1, 67108864 // max(1, p * m))
+        a: List[Tensor] = []
+        pp: List[Tensor] = []
+        nn: List[Tensor] = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            mask = triplet_margin_candidates(ap_vals[s:e], p_ok[s:e], mat[s:e], neg[s:e],
+                                             self.margin, self.kind,
+                                             self.distance.is_inverted, self.nonnegative)
+            out = decode([mask, cols[s:e].unsqueeze(2)], [[0, -1, 1, -3]])
+            a.append(out[0] + s)
+            pp.append(out[1])
+            nn.append(out[2])
+        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
 
     def extra_repr(self) -> str:
         cap = "" if self.cap == 0 else f", max_triplets_per_anchor={self.cap}, cap_order={self.cap_order!r}"
