@@ -206,3 +206,20 @@ def test_random_triplets_reproducible(seed):
     torch.manual_seed(seed)
     b = lmu.get_random_triplet_indices(y, t_per_anchor=3)
     eq_tuple(a, b)
+
+
+def test_positive_columns_lists_each_rows_positives_in_order():
+    g = torch.Generator().manual_seed(4)
+    pos = torch.rand(9, 13, generator=g) < 0.3
+    pos[2] = False                      # a row without positives
+    cols, valid = lmu.positive_columns(pos)
+    assert cols.shape == valid.shape == (9, int(pos.sum(1).max()))
+    for i in range(9):
+        want = torch.nonzero(pos[i]).flatten().tolist()
+        assert cols[i][valid[i]].tolist() == want
+        assert int(valid[i].sum()) == len(want)
+
+
+def test_positive_columns_of_no_positives_is_empty():
+    cols, valid = lmu.positive_columns(torch.zeros(4, 5, dtype=torch.bool))
+    assert cols.shape == valid.shape == (4, 0)

@@ -9,6 +9,7 @@ from .. import _ops
 from ..distances import BaseDistance, LpDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_number
+from ..decode import decode
 from .base_miner import DenseTripletKernelMiner
 
 
@@ -58,8 +59,8 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     g, c_sq, ap, a_sum = rows[0], rows[1], rows[2], rows[3]
     h, ne_sq, r_sum = shared[0], shared[1], shared[2]
     if _ops.is_exporting():
-        return _angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, angle) & \
-            lmu.triplet_mask(pos, neg)
+        return _angles_exceed(g, c_sq, ap, a_sum, h.unsqueeze(0), ne_sq,
+                              r_sum.view(1, -1, 1), angle) & lmu.triplet_mask(pos, neg)
     n_rows, m = g.size(0), g.size(1)
     out = torch.empty((n_rows, m, m), dtype=torch.bool, device=g.device)
     # rows per block: each of a block's few float64 temporaries stays within
@@ -67,8 +68,9 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     per = max(1, max(n_rows * m, 2097152) // max(1, m * m))
     for s in range(0, n_rows, per):
         e = min(n_rows, s + per)
-        out[s:e] = _angles_exceed(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h, ne_sq, r_sum,
-                                  angle) & lmu.triplet_mask(pos[s:e], neg[s:e])
+        out[s:e] = _angles_exceed(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h.unsqueeze(0),
+                                  ne_sq, r_sum.view(1, -1, 1), angle) & \
+            lmu.triplet_mask(pos[s:e], neg[s:e])
     return out
 
 
@@ -94,13 +96,21 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
     return angular_block(rows, shared, pos, neg, angle)
 
 
-def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor,
-                   ne_sq: Tensor, r_sum: Tensor, angle: float) -> Tensor:
-    """Angle test for a block of anchors: Tensor[b, M(p), M(n)] bool."""
+def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Tensor,
+                   ne_sq: Tensor, p_sum: Tensor, angle: float) -> Tensor:
+    """Angle test for a block of anchors and P positive candidates each.
+
+    Args:
+        g: [b, M] a.r; c_sq, ap: [b, P] per (anchor, positive); a_sum: [b];
+        h_pn: [1 or b, P, M] positive . negative; ne_sq: [M]; p_sum: [1 or b, P, 1].
+
+    Returns:
+        Tensor[b, P, M] bool.
+    """
     eps = 1e-6
     # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
-    nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h.unsqueeze(0) \
-        - eps * (a_sum.view(-1, 1, 1) + r_sum.view(1, -1, 1))
+    nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h_pn \
+        - eps * (a_sum.view(-1, 1, 1) + p_sum)
     nc = nc_sq.clamp(min=0.0).sqrt().to(ap.dtype)                  # [b, M(p), M(n)]
     return torch.atan(ap.unsqueeze(2) / (2 * nc)) > angle
 
@@ -134,6 +144,41 @@ class AngularMiner(DenseTripletKernelMiner):
     def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
                      noise: Optional[Tensor]) -> List[Tensor]:
         return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle)]
+
+    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+             ref_labels: Optional[Tensor]) -> List[Tensor]:
+        """Eager/TorchScript mining over [N, P, M] candidates (P = the most positives of
+        any anchor; the per-(anchor, positive) terms are gathered, so every value is
+        computed by the same operations as the dense kernel), in anchor blocks."""
+        n = embeddings.size(0)
+        m = n if ref_emb is None else ref_emb.size(0)
+        if n == 0 or m == 0:
+            return self.empty_outputs(embeddings)
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+        g, c_sq, ap, a_sum, pos, neg = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
+        h, ne_sq, r_sum = shared[0], shared[1], shared[2]
+        cols, p_ok = lmu.positive_columns(pos)
+        p = cols.size(1)
+        if p == 0:
+            return self.empty_outputs(embeddings)
+        c_p = torch.gather(c_sq, 1, cols)
+        ap_p = torch.gather(ap, 1, cols)
+        # anchors per block: the float64 [b, P, M] temporaries stay within 2^22 elements
+        per = max(1, 4194304 // max(1, p * m))
+        a: List[Tensor] = []
+        pp: List[Tensor] = []
+        nn: List[Tensor] = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            cb = cols[s:e]
+            mask = _angles_exceed(g[s:e], c_p[s:e], ap_p[s:e], a_sum[s:e], h[cb], ne_sq,
+                                  r_sum[cb].unsqueeze(2), self.angle)
+            mask = mask & p_ok[s:e].unsqueeze(2) & neg[s:e].unsqueeze(1)
+            out = decode([mask, cb.unsqueeze(2)], [[0, -1, 1, -3]])
+            a.append(out[0] + s)
+            pp.append(out[1])
+            nn.append(out[2])
+        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
 
     def extra_repr(self) -> str:
         return f"angle={self.angle_degrees:g}"

@@ -276,17 +276,10 @@ class TripletMarginMiner(DenseTripletKernelMiner):
         if self.cap > 0:
             return self.mine_in_blocks(embeddings, rows, shared, m)
         mat, pos, neg = rows[0], rows[1], rows[2]
-        count = pos.sum(dim=1)
-        p = int(count.max())
+        cols, p_ok = lmu.positive_columns(pos)
+        p = cols.size(1)
         if p == 0:
             return self.empty_outputs(embeddings)
-        # the r-th positive of a row goes to slot r; non-positives to a spare slot p
-        rank = torch.cumsum(pos.to(torch.int64), dim=1) - 1
-        slot = torch.where(pos, rank, torch.full_like(rank, p))
-        col = torch.arange(m, device=mat.device).unsqueeze(0).expand(n, m)
-        cols = torch.zeros((n, p + 1), dtype=torch.int64, device=mat.device)
-        cols = cols.scatter(1, slot, col)[:, :p]
-        p_ok = torch.arange(p, device=mat.device).unsqueeze(0) < count.unsqueeze(1)
         ap_vals = torch.gather(mat, 1, cols)
         per = max(1, 67108864 // max(1, p * m))
         a: List[Tensor] = []

@@ -44,6 +44,33 @@ def triplet_mask(pos: Tensor, neg: Tensor) -> Tensor:
     return pos.unsqueeze(2) & neg.unsqueeze(1)
 
 
+def positive_columns(pos: Tensor):
+    """Each anchor's positive columns, in column order, padded to the largest count.
+
+    Eager/TorchScript helper for miners that test every (anchor, positive, negative): it
+    lets them work on [N, P, M] candidates (P = the most positives of any anchor) instead
+    of [N, M, M]. Not for exported kernels (P depends on the data).
+
+    Args:
+        pos: Tensor[N, M] bool.
+
+    Returns:
+        (cols Tensor[N, P] int64 (padding slots hold 0), valid Tensor[N, P] bool); P may
+        be 0.
+    """
+    n, m = pos.size(0), pos.size(1)
+    count = pos.sum(dim=1)
+    p = int(count.max()) if n > 0 else 0
+    # the r-th positive of a row goes to slot r; non-positives to a spare slot p
+    rank = torch.cumsum(pos.to(torch.int64), dim=1) - 1
+    slot = torch.where(pos, rank, torch.full_like(rank, p))
+    col = torch.arange(m, device=pos.device).unsqueeze(0).expand(n, m)
+    cols = torch.zeros((n, p + 1), dtype=torch.int64, device=pos.device)
+    cols = cols.scatter(1, slot, col)[:, :p]
+    valid = torch.arange(p, device=pos.device).unsqueeze(0) < count.unsqueeze(1)
+    return cols, valid
+
+
 # ------------------------------------------------------------- PML index helpers
 
 
@@ -230,7 +257,7 @@ def meshgrid_from_sizes(x: Tensor, y: Tensor, dim: int = 0):
 
 
 __all__ = [
-    "pair_masks", "triplet_mask",
+    "pair_masks", "triplet_mask", "positive_columns",
     "get_matches_and_diffs", "get_all_pairs_indices", "get_all_triplets_indices",
     "convert_to_pairs", "convert_to_triplets", "get_random_triplet_indices",
     "pos_pairs_from_tuple", "neg_pairs_from_tuple", "get_anchors", "repeat_to_match_size",
