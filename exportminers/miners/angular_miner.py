@@ -9,7 +9,6 @@ from .. import _ops
 from ..distances import BaseDistance, LpDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_number
-from ..decode import decode
 from .base_miner import DenseTripletKernelMiner
 
 
@@ -145,40 +144,22 @@ class AngularMiner(DenseTripletKernelMiner):
                      noise: Optional[Tensor]) -> List[Tensor]:
         return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle)]
 
-    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-             ref_labels: Optional[Tensor]) -> List[Tensor]:
-        """Eager/TorchScript mining over [N, P, M] candidates (P = the most positives of
-        any anchor; the per-(anchor, positive) terms are gathered, so every value is
-        computed by the same operations as the dense kernel), in anchor blocks."""
-        n = embeddings.size(0)
-        m = n if ref_emb is None else ref_emb.size(0)
-        if n == 0 or m == 0:
-            return self.empty_outputs(embeddings)
-        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
-        g, c_sq, ap, a_sum, pos, neg = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
+    def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
+        return rows[4]
+
+    def positive_budget(self) -> int:
+        return 4194304   # its [b, P, M] temporaries are float64
+
+    def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
+                       valid: Tensor, start: int, stop: int) -> Tensor:
+        # per-(anchor, positive) terms gathered to the candidates: same operations as
+        # the dense kernel, so the same angles
+        g, c_sq, ap = rows[0][start:stop], rows[1][start:stop], rows[2][start:stop]
+        a_sum, neg = rows[3][start:stop], rows[5][start:stop]
         h, ne_sq, r_sum = shared[0], shared[1], shared[2]
-        cols, p_ok = lmu.positive_columns(pos)
-        p = cols.size(1)
-        if p == 0:
-            return self.empty_outputs(embeddings)
-        c_p = torch.gather(c_sq, 1, cols)
-        ap_p = torch.gather(ap, 1, cols)
-        # anchors per block: the float64 [b, P, M] temporaries stay within 2^22 elements
-        per = max(1, 4194304 // max(1, p * m))
-        a: List[Tensor] = []
-        pp: List[Tensor] = []
-        nn: List[Tensor] = []
-        for s in range(0, n, per):
-            e = min(n, s + per)
-            cb = cols[s:e]
-            mask = _angles_exceed(g[s:e], c_p[s:e], ap_p[s:e], a_sum[s:e], h[cb], ne_sq,
-                                  r_sum[cb].unsqueeze(2), self.angle)
-            mask = mask & p_ok[s:e].unsqueeze(2) & neg[s:e].unsqueeze(1)
-            out = decode([mask, cb.unsqueeze(2)], [[0, -1, 1, -3]])
-            a.append(out[0] + s)
-            pp.append(out[1])
-            nn.append(out[2])
-        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
+        mask = _angles_exceed(g, torch.gather(c_sq, 1, cols), torch.gather(ap, 1, cols),
+                              a_sum, h[cols], ne_sq, r_sum[cols].unsqueeze(2), self.angle)
+        return mask & valid.unsqueeze(2) & neg.unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"angle={self.angle_degrees:g}"

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..decode import decode
 from ..distances import BaseDistance, DotProductSimilarity, LpDistance
+from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_inputs
 
 
@@ -243,7 +244,50 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         if n == 0 or m == 0:
             return self.empty_outputs(embeddings)
         rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
-        return self.mine_in_blocks(embeddings, rows, shared, m)
+        pos = self.positive_mask(rows)
+        if pos is None:
+            return self.mine_in_blocks(embeddings, rows, shared, m)
+        return self.mine_over_positives(embeddings, rows, shared, pos)
+
+    def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
+        """The Tensor[N, M] positive mask when :meth:`positive_block` applies, else None."""
+        return None
+
+    def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
+                       valid: Tensor, start: int, stop: int) -> Tensor:
+        """Selected triplets of anchors ``start:stop`` over their positive candidates
+        ``cols`` [b, P] (``valid`` [b, P]) and every negative: Tensor[b, P, M] bool."""
+        raise NotImplementedError
+
+    def positive_budget(self) -> int:
+        """Most candidates (anchors x P x M) per block in :meth:`mine_over_positives`."""
+        return 67108864
+
+    def mine_over_positives(self, embeddings: Tensor, rows: List[Tensor],
+                            shared: List[Tensor], pos: Tensor) -> List[Tensor]:
+        """Eager/TorchScript mining over [N, P, M] candidates instead of [N, M, M]: each
+        anchor's positive columns are gathered first (P = the most positives of any
+        anchor, :func:`lmu.positive_columns`), the miner's :meth:`positive_block` tests
+        them against every negative with the kernel's own arithmetic, and each anchor
+        block is decoded in row-major (a, p, n) order, as the dense kernel would be. (The
+        exported kernel stays dense: P depends on the data.)"""
+        cols, valid = lmu.positive_columns(pos)
+        n, p, m = pos.size(0), cols.size(1), pos.size(1)
+        if p == 0:
+            return self.empty_outputs(embeddings)
+        per = max(1, self.positive_budget() // max(1, p * m))
+        a: List[Tensor] = []
+        pp: List[Tensor] = []
+        nn: List[Tensor] = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            cb = cols[s:e]
+            mask = self.positive_block(rows, shared, cb, valid[s:e], s, e)
+            out = decode([mask, cb.unsqueeze(2)], [[0, -1, 1, -3]])
+            a.append(out[0] + s)   # anchors are block-row coordinates
+            pp.append(out[1])
+            nn.append(out[2])
+        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
 
     def mine_in_blocks(self, embeddings: Tensor, rows: List[Tensor], shared: List[Tensor],
                        m: int) -> List[Tensor]:

@@ -8,7 +8,6 @@ from .. import _ops
 from ..distances import LpDistance, SNRDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_choice, check_number, check_positive_int
-from ..decode import decode
 from .base_miner import DenseTripletKernelMiner
 
 TRIPLET_TYPES = {"all": 0, "hard": 1, "semihard": 2, "easy": 3}
@@ -261,40 +260,16 @@ class TripletMarginMiner(DenseTripletKernelMiner):
         return [triplet_margin_miner(mat, pos, neg, self.margin, self.kind,
                                      self.distance.is_inverted, self.nonnegative)]
 
-    def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-             ref_labels: Optional[Tensor]) -> List[Tensor]:
-        """Eager/TorchScript mining. Each anchor's positive columns are gathered first
-        (P = the most positives any anchor has), so the triplet test runs over
-        [N, P, M] candidates instead of [N, M, M], with the same values and the same
-        row-major output; anchor blocks keep at most 2^26 candidates at a time. (The
-        exported kernel stays dense: P is data-dependent.)"""
-        n = embeddings.size(0)
-        m = n if ref_emb is None else ref_emb.size(0)
-        if n == 0 or m == 0:
-            return self.empty_outputs(embeddings)
-        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
-        if self.cap > 0:
-            return self.mine_in_blocks(embeddings, rows, shared, m)
-        mat, pos, neg = rows[0], rows[1], rows[2]
-        cols, p_ok = lmu.positive_columns(pos)
-        p = cols.size(1)
-        if p == 0:
-            return self.empty_outputs(embeddings)
-        ap_vals = torch.gather(mat, 1, cols)
-        per = max(1, 67108864 // max(1, p * m))
-        a: List[Tensor] = []
-        pp: List[Tensor] = []
-        nn: List[Tensor] = []
-        for s in range(0, n, per):
-            e = min(n, s + per)
-            mask = triplet_margin_candidates(ap_vals[s:e], p_ok[s:e], mat[s:e], neg[s:e],
-                                             self.margin, self.kind,
-                                             self.distance.is_inverted, self.nonnegative)
-            out = decode([mask, cols[s:e].unsqueeze(2)], [[0, -1, 1, -3]])
-            a.append(out[0] + s)
-            pp.append(out[1])
-            nn.append(out[2])
-        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
+    def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
+        # the capped result picks among all of an anchor's triplets: dense blocks
+        return None if self.cap > 0 else rows[1]
+
+    def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
+                       valid: Tensor, start: int, stop: int) -> Tensor:
+        mat = rows[0][start:stop]
+        return triplet_margin_candidates(torch.gather(mat, 1, cols), valid, mat,
+                                         rows[2][start:stop], self.margin, self.kind,
+                                         self.distance.is_inverted, self.nonnegative)
 
     def extra_repr(self) -> str:
         cap = "" if self.cap == 0 else f", max_triplets_per_anchor={self.cap}, cap_order={self.cap_order!r}"
