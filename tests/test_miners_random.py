@@ -102,15 +102,20 @@ def test_distance_weighted_reproducible(seed):
     assert not same_output(a, c), "two draws without reseeding were identical"
 
 
-def test_distance_weighted_scripted_same_seed_same_output(seed):
-    case = make_case("ref_smaller", salt="dw_script", dim=4, spread=0.9)
-    miner = our_miner_cls("DistanceWeightedMiner")()
-    scripted = torch.jit.script(our_miner_cls("DistanceWeightedMiner")())
+def assert_scripted_same_under_seed(name, case, seed, **config):
+    """Eager and scripted miners draw the same tuples under the same torch seed."""
+    miner = our_miner_cls(name)(**config)
+    scripted = torch.jit.script(our_miner_cls(name)(**config))
     torch.manual_seed(seed)
     a = run_ours(miner, case)
     torch.manual_seed(seed)
     b = run_ours(scripted, case)
     assert same_output(a, b)
+
+
+def test_distance_weighted_scripted_same_seed_same_output(seed):
+    case = make_case("ref_smaller", salt="dw_script", dim=4, spread=0.9)
+    assert_scripted_same_under_seed("DistanceWeightedMiner", case, seed)
 
 
 @pytest.mark.parametrize("case_name", ["typical", "ref_smaller"])
@@ -216,14 +221,8 @@ def test_uniform_histogram_reproducible(seed):
 
 def test_uniform_histogram_scripted_same_seed_same_output(seed):
     case = make_case("ref_larger", salt="uh_script")
-    kw = {"num_bins": 10, "pos_per_bin": 5, "neg_per_bin": 5}
-    miner = our_miner_cls("UniformHistogramMiner")(**kw)
-    scripted = torch.jit.script(our_miner_cls("UniformHistogramMiner")(**kw))
-    torch.manual_seed(seed)
-    a = run_ours(miner, case)
-    torch.manual_seed(seed)
-    b = run_ours(scripted, case)
-    assert same_output(a, b)
+    assert_scripted_same_under_seed("UniformHistogramMiner", case, seed,
+                                    num_bins=10, pos_per_bin=5, neg_per_bin=5)
 
 
 @pytest.mark.parametrize("case_name", ["typical", "ref_smaller"])
