@@ -30,6 +30,8 @@ counts, verification).
 Deterministic miners must return the eager tuples (tuples whose decision flips under a
 1e-4 relative perturbation of the inputs may differ); random miners are fed the same
 noise as eager and must also return valid tuples and be reproducible under a seed.
+Graphs that can be mined in anchor blocks (--with-ref or --anchor-blocks, miners with
+independent anchor rows) must also give the one-call result when mined in blocks.
 """
 
 EXPORT_EXAMPLES = """\
@@ -39,6 +41,7 @@ examples:
   exportminers export --out graphs --miners TripletMarginMiner --set TripletMarginMiner.margin=0.1 \\
       --set TripletMarginMiner.type_of_triplets=semihard
   exportminers export --out graphs --config miners.json --dtype float16 --with-ref
+  exportminers export --out graphs --miners TripletMarginMiner,AngularMiner --anchor-blocks
 
 --config file (JSON, or YAML if PyYAML is installed): a mapping from miner name to one
 configuration or a list of configurations, e.g.
@@ -163,10 +166,12 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .export import SELF_ONLY, SHAPE_OPS, build_miner, export_onnx, op_types
+    from .export import ROW_INDEPENDENT, SELF_ONLY, SHAPE_OPS, build_miner, export_onnx, op_types
     from .verify import verify_graph
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
+    if args.with_ref and args.anchor_blocks:
+        raise SystemExit("exportminers export: --with-ref and --anchor-blocks exclude each other")
     plan = plan_exports(args.miners, args.config, args.set or [])
     os.makedirs(args.out, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -178,16 +183,23 @@ def run_export(args: argparse.Namespace) -> int:
         path = os.path.join(args.out, fname)
         entry: Dict[str, Any] = {"name": name, "config": {k: _jsonable(v) for k, v in cfg.items()},
                                  "file": fname, "dtype": args.dtype, "with_ref": args.with_ref,
+                                 "anchor_blocks": args.anchor_blocks,
                                  "embedding_dim": args.embedding_dim, "compact": args.compact}
         t0 = time.perf_counter()
         if args.with_ref and name in SELF_ONLY:
             entry.update(status="skipped", error=f"{name} does not mine against a reference set")
             entries.append(entry)
             continue
+        if args.anchor_blocks and name not in ROW_INDEPENDENT:
+            entry.update(status="skipped",
+                         error=f"{name} does not mine each anchor row independently")
+            entries.append(entry)
+            continue
         try:
             miner = build_miner(name, cfg)
             export_onnx(miner, path, embedding_dim=args.embedding_dim, with_ref=args.with_ref,
-                        dtype=dtype, opset=args.opset, compact=args.compact)
+                        dtype=dtype, opset=args.opset, compact=args.compact,
+                        anchor_blocks=args.anchor_blocks)
             ops = op_types(path)
             entry.update(_io_description(path))
             entry.update(sha256=_sha256(path), op_types=ops,
@@ -208,7 +220,8 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.quiet:
             _print_row(entry, header=len(entries) == 1)
     manifest = {"exportminers_version": __version__, "torch_version": torch.__version__,
-                "dtype": args.dtype, "with_ref": args.with_ref, "embedding_dim": args.embedding_dim,
+                "dtype": args.dtype, "with_ref": args.with_ref,
+                "anchor_blocks": args.anchor_blocks, "embedding_dim": args.embedding_dim,
                 "opset": args.opset, "compact": args.compact, "verify_sizes": sizes,
                 "graphs": entries}
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
@@ -255,6 +268,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="embedding dtype of the graphs (default: %(default)s)")
     p.add_argument("--with-ref", action="store_true",
                    help="export (embeddings, labels, ref_emb, ref_labels) graphs instead of self-mining")
+    p.add_argument("--anchor-blocks", action="store_true",
+                   help="self-mining graphs that take anchor_index, so OnnxMiner can mine a "
+                        "batch in anchor blocks (miners with independent anchor rows; others "
+                        "are skipped)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--embedding-dim", type=int, default=None, metavar="D",
                    help="fix the embedding width (default: dynamic)")

@@ -68,6 +68,9 @@ class _KernelGraph(nn.Module):
     def _run(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
              ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> Tuple[Tensor, ...]:
         out = list(self.miner.kernel(embeddings, labels, ref_emb, ref_labels, noise))
+        return self._finish(out)
+
+    def _finish(self, out: List[Tensor]) -> Tuple[Tensor, ...]:
         if self.compact:
             out = compact_decode(out, self.miner.layout)
         return tuple(out)
@@ -81,6 +84,16 @@ class _SelfGraph(_KernelGraph):
 class _SelfNoiseGraph(_KernelGraph):
     def forward(self, embeddings: Tensor, labels: Tensor, noise: Tensor):
         return self._run(embeddings, labels, None, None, noise)
+
+
+class _AnchorGraph(_KernelGraph):
+    """Self-mining of the rows ``anchor_index`` of the batch against the whole batch."""
+
+    def forward(self, embeddings: Tensor, labels: Tensor, anchor_index: Tensor):
+        out = self.miner.kernel(embeddings.index_select(0, anchor_index),
+                                labels.index_select(0, anchor_index), embeddings, labels,
+                                None, anchor_ids=anchor_index)
+        return self._finish(list(out))
 
 
 class _RefGraph(_KernelGraph):
@@ -239,8 +252,12 @@ def _resolve(spec: List[Any], n: int, m: int) -> List[int]:
 
 
 def _example_inputs(miner: nn.Module, n: int, m: int, d: int, dtype: torch.dtype,
-                    with_ref: bool, nspec: List[Any], seed: int = 0) -> List[Tensor]:
+                    with_ref: bool, nspec: List[Any], seed: int = 0,
+                    anchors: bool = False) -> List[Tensor]:
     g = torch.Generator().manual_seed(seed)
+    if anchors:   # the batch has m rows, n of them are the anchors
+        return [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g),
+                torch.randperm(m, generator=g)[:n]]
     args = [torch.randn(n, d, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)]
     if with_ref:
         args += [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g)]
@@ -250,7 +267,60 @@ def _example_inputs(miner: nn.Module, n: int, m: int, d: int, dtype: torch.dtype
     return args
 
 
-def _graph_module(miner: nn.Module, with_ref: bool, noisy: bool, compact: bool) -> _KernelGraph:
+def _row_independent(miner: nn.Module) -> bool:
+    """Anchor rows are mined independently of each other (and no noise is drawn)."""
+    name = _miner_name(miner)
+    flag = bool(getattr(miner, "row_independent", name in ROW_INDEPENDENT))
+    return flag and len(noise_spec(miner, True)) == 0
+
+
+def largest_tensors(model) -> List[List[Any]]:
+    """The shapes of the largest tensors a graph computes, symbolically.
+
+    Reads the shapes the exporter recorded for every intermediate and output (dims are
+    ints or symbolic expressions of ``N``, ``M``, ``D``) and keeps those not contained in
+    another (a shape is dropped when another has every one of its dims, e.g. [N, M] next
+    to [N, M, M]). ONNX Runtime's CUDA kernels fail beyond 2^31 elements per tensor
+    (../shared/GPU_FACTS.md); :class:`OnnxMiner` sizes its blocks from these shapes.
+    """
+    shapes: List[List[Any]] = []
+    values = list(model.graph.value_info) + list(model.graph.output)
+    for vi in values:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims: List[Any] = []
+        for dim in tt.shape.dim:
+            if dim.HasField("dim_value"):
+                if dim.dim_value != 1:
+                    dims.append(int(dim.dim_value))
+            elif dim.dim_param:
+                dims.append(dim.dim_param)
+            else:
+                dims.append("?")
+        if "?" not in dims:
+            shapes.append(sorted(dims, key=str))
+    unique: List[List[Any]] = []
+    for s in shapes:
+        if s not in unique:
+            unique.append(s)
+
+    def contained(a: List[Any], b: List[Any]) -> bool:
+        rest = list(b)
+        for x in a:
+            if x not in rest:
+                return False
+            rest.remove(x)
+        return True
+
+    return [a for a in unique
+            if not any(b != a and len(b) > len(a) and contained(a, b) for b in unique)]
+
+
+def _graph_module(miner: nn.Module, with_ref: bool, noisy: bool, compact: bool,
+                  anchors: bool = False) -> _KernelGraph:
+    if anchors:
+        return _AnchorGraph(miner, compact)
     cls = {(False, False): _SelfGraph, (False, True): _SelfNoiseGraph,
            (True, False): _RefGraph, (True, True): _RefNoiseGraph}[(with_ref, noisy)]
     return cls(miner, compact)
@@ -342,7 +412,7 @@ def _quiet_exporter():
 def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 embedding_dim: Optional[int] = None, with_ref: bool = False,
                 dtype: torch.dtype = torch.float32, opset: Optional[int] = None,
-                compact: bool = False) -> str:
+                compact: bool = False, anchor_blocks: bool = False) -> str:
     """Export a built-in miner's kernel to an ONNX graph with dynamic batch axes.
 
     Args:
@@ -357,16 +427,26 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         opset: ONNX opset (default: the exporter's).
         compact: append the decoding (``NonZero`` + gathers) so the graph returns index
             tuples of data-dependent length instead of fixed-shape tensors.
+        anchor_blocks: self-mining in anchor blocks (miners whose anchor rows are
+            independent, see ``registry``): the graph takes the whole batch
+            (``embeddings`` Tensor[M, D], ``labels`` Tensor[M]) and ``anchor_index``
+            Tensor[N] int64, the rows mined as anchors; it mines them against the whole
+            batch with each anchor's own row excluded, exactly as self-mining does, and its
+            outputs' anchor axis follows ``anchor_index``. :class:`OnnxMiner` uses it to
+            self-mine batches in blocks (``chunk_size``, ``max_block_elements``, and on
+            the CUDA EP automatically below 2^31 elements per tensor).
 
     Graph inputs: ``embeddings`` Tensor[N, D] (``dtype``), ``labels`` Tensor[N] int64;
-    with ``with_ref``: ``ref_emb`` Tensor[M, D], ``ref_labels`` Tensor[M] int64; random
+    with ``with_ref``: ``ref_emb`` Tensor[M, D], ``ref_labels`` Tensor[M] int64; with
+    ``anchor_blocks``: ``embeddings`` Tensor[M, D], ``labels`` Tensor[M],
+    ``anchor_index`` Tensor[N]; random
     miners: ``noise`` float64 uniform [0, 1) of ``miner.noise_shape(N, M)`` (symbolic).
     Outputs: the kernel's tensors, named ``mask<k>`` (read by the layout as masks),
     ``index<k>`` (integer fields) or ``out<k>``; with ``compact``: ``a, p, n`` /
     ``a1, p, a2, n`` / ``indices``. ``metadata_props`` record the package version, the
     miner class and configuration, layout, input/output names and symbolic shapes, the
-    noise shape, output kind, dtype and ``embedding_dim`` (keys in
-    :mod:`exportminers.runtime.metadata`).
+    noise shape, output kind, dtype, ``embedding_dim`` and the shapes of the largest
+    tensors the graph computes (keys in :mod:`exportminers.runtime.metadata`).
 
     Returns:
         ``path`` as a string.
@@ -395,6 +475,13 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     if with_ref and (name in SELF_ONLY or not getattr(miner, "supports_ref", True)):
         raise ValueError(f"with_ref: {name} does not mine against a reference set; "
                          f"export it with with_ref=False")
+    anchors = bool(anchor_blocks)
+    if anchors and with_ref:
+        raise ValueError("anchor_blocks: a self-mining option; with_ref=True graphs already "
+                         "take any block of anchors against the reference set")
+    if anchors and not _row_independent(miner):
+        raise ValueError(f"anchor_blocks: {name} does not mine each anchor row independently "
+                         f"(or draws noise), so it cannot be mined in anchor blocks")
     if getattr(miner, "was_set_externally", False):
         warnings.warn(f"{name}: indices set with set_idx_externally are not exported; the "
                       f"graph mines every pair of the batch", stacklevel=2)
@@ -404,27 +491,28 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     kind = _output_kind(miner, n_fields)
     nspec = noise_spec(miner, with_ref)
     noisy = len(nspec) > 0
+    sized = with_ref or anchors   # two batch axes, N (anchors) and M (references)
     d = embedding_dim if embedding_dim is not None else _EXAMPLE_D
     n_ex, m_ex = _EXAMPLE_N, _EXAMPLE_M
 
     was_training = miner.training
     miner.eval()
     try:
-        eager_graph = _graph_module(miner, with_ref, noisy, False)
+        eager_graph = _graph_module(miner, with_ref, noisy, False, anchors)
         # probe the kernel eagerly at two sizes: output count, dtypes and symbolic shapes
-        probes = ((n_ex, m_ex), (n_ex + 3, m_ex + 3)) if with_ref else ((n_ex, n_ex), (n_ex + 3, n_ex + 3))
+        probes = ((n_ex, m_ex), (n_ex + 3, m_ex + 3)) if sized else ((n_ex, n_ex), (n_ex + 3, n_ex + 3))
         probe_shapes: List[List[List[int]]] = []
         with torch.no_grad():
             for i, (n, m) in enumerate(probes):
                 outs = eager_graph(*_example_inputs(miner, n, m, d, torch.float32, with_ref,
-                                                    nspec, seed=i))
+                                                    nspec, seed=i, anchors=anchors))
                 probe_shapes.append([list(o.shape) for o in outs])
         out_dtypes = [o.dtype for o in outs]
-        out_shapes = [_dim_spec([p[k] for p in probe_shapes], probes, with_ref)
+        out_shapes = [_dim_spec([p[k] for p in probe_shapes], probes, sized)
                       for k in range(len(out_dtypes))]
 
         input_names = ["embeddings", "labels"] + (["ref_emb", "ref_labels"] if with_ref else []) \
-            + (["noise"] if noisy else [])
+            + (["anchor_index"] if anchors else []) + (["noise"] if noisy else [])
         if compact:
             output_names = {"triplets": ["a", "p", "n"], "pairs": ["a1", "p", "a2", "n"],
                             "subset": ["indices"]}[kind]
@@ -451,7 +539,11 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         def emb_dims(row):
             return {0: row, 1: D} if D is not None else {0: row}
 
-        dynamic_shapes: Dict[str, Any] = {"embeddings": emb_dims(N), "labels": {0: N}}
+        if anchors:
+            dynamic_shapes: Dict[str, Any] = {"embeddings": emb_dims(M), "labels": {0: M},
+                                              "anchor_index": {0: N}}
+        else:
+            dynamic_shapes = {"embeddings": emb_dims(N), "labels": {0: N}}
         if with_ref:
             dynamic_shapes["ref_emb"] = emb_dims(M)
             dynamic_shapes["ref_labels"] = {0: M}
@@ -463,8 +555,9 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 elif s == "M":
                     dims[k] = M
             dynamic_shapes["noise"] = dims or None
-        args = tuple(_example_inputs(miner, n_ex, m_ex, d, dtype, with_ref, nspec))
-        graph = _graph_module(miner, with_ref, noisy, compact)
+        args = tuple(_example_inputs(miner, n_ex, m_ex, d, dtype, with_ref, nspec,
+                                     anchors=anchors))
+        graph = _graph_module(miner, with_ref, noisy, compact, anchors)
         kwargs: Dict[str, Any] = {}
         if opset is not None:
             kwargs["opset_version"] = opset
@@ -508,8 +601,9 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         md.WITH_REF: with_ref,
         md.DTYPE: _DTYPE_NAMES[dtype],
         md.EMBEDDING_DIM: embedding_dim,
-        md.ROW_INDEPENDENT: bool(getattr(miner, "row_independent", name in ROW_INDEPENDENT))
-        and not noisy,
+        md.ROW_INDEPENDENT: _row_independent(miner),
+        md.ANCHOR_BLOCKS: anchors,
+        md.LARGEST_TENSORS: largest_tensors(model),
         md.BATCH_MULTIPLE: int(BATCH_MULTIPLE.get(name, 1)),
         md.CHECK_FINITE: bool(getattr(miner, "check_finite", True)),
         md.COMPACT: bool(compact),

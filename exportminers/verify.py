@@ -40,20 +40,21 @@ def random_batch(n: int, d: int, m: Optional[int] = None, seed: int = 0,
 
 
 def eager_tuples(miner: torch.nn.Module, batch: Dict[str, np.ndarray],
-                 noise: Optional[np.ndarray] = None) -> List[np.ndarray]:
-    """The eager miner's index tuples as numpy arrays (random miners: from ``noise``)."""
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+                 noise: Optional[np.ndarray] = None, device: str = "cpu") -> List[np.ndarray]:
+    """The eager miner's index tuples as numpy arrays (random miners: from ``noise``),
+    computed on ``device``."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
     args = (t["embeddings"], t["labels"], t.get("ref_emb"), t.get("ref_labels"))
     with torch.no_grad():
         if noise is None:
             out = miner(*args)
         else:
             emb, lab, ref, ref_lab = check_inputs(*args)
-            out = decode(miner.kernel(emb, lab, ref, ref_lab, torch.from_numpy(noise)),
-                         miner.layout)
+            out = decode(miner.kernel(emb, lab, ref, ref_lab,
+                                      torch.from_numpy(noise).to(device)), miner.layout)
     if isinstance(out, torch.Tensor):
         out = [out]
-    return [o.numpy().astype(np.int64) for o in out]
+    return [o.cpu().numpy().astype(np.int64) for o in out]
 
 
 def as_multisets(fields: Sequence[np.ndarray], kind: str) -> List[Counter]:
@@ -70,9 +71,10 @@ def _symdiff(a: List[Counter], b: List[Counter]) -> List[Counter]:
 
 def sensitive_tuples(miner, batch: Dict[str, np.ndarray], kind: str, eps: float,
                      noise: Optional[np.ndarray] = None, seed: int = 0,
-                     base: Optional[List[Counter]] = None) -> List[Counter]:
+                     base: Optional[List[Counter]] = None, device: str = "cpu") -> List[Counter]:
     """Tuples that flip when the embeddings move by a relative ``eps`` (union of trials)."""
-    base = base if base is not None else as_multisets(eager_tuples(miner, batch, noise), kind)
+    base = base if base is not None else as_multisets(
+        eager_tuples(miner, batch, noise, device), kind)
     rng = np.random.default_rng(10_000 + seed)
     union = [Counter() for _ in base]
     for _ in range(_TRIALS):
@@ -82,7 +84,7 @@ def sensitive_tuples(miner, batch: Dict[str, np.ndarray], kind: str, eps: float,
                 x = batch[key].astype(np.float64)
                 scale = float(np.sqrt(np.mean(x * x))) if x.size else 1.0
                 moved[key] = (x + eps * scale * rng.standard_normal(x.shape)).astype(batch[key].dtype)
-        diff = _symdiff(base, as_multisets(eager_tuples(miner, moved, noise), kind))
+        diff = _symdiff(base, as_multisets(eager_tuples(miner, moved, noise, device), kind))
         union = [u | d for u, d in zip(union, diff)]
     return union
 
@@ -133,14 +135,23 @@ def valid_tuples(fields: Sequence[np.ndarray], kind: str, batch: Dict[str, np.nd
 
 def verify_graph(miner: torch.nn.Module, path: str, sizes: Sequence[int] = (12, 20),
                  ref_sizes: Sequence[int] = (15, 9), seed: int = 0,
-                 providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                 providers: Optional[Sequence[str]] = None, session_options=None,
+                 eager_device: str = "cpu") -> Dict[str, Any]:
     """Run an exported graph with ONNX Runtime at several batch sizes against eager.
+
+    ``providers`` / ``session_options`` choose how ONNX Runtime runs it (default: CPU);
+    the eager miner runs on ``eager_device``.
 
     Returns:
         ``{"ok": bool, "runs": [per size: {"n", "m", "tuples", "differ", "borderline",
         "ok", ...}], "error": message or None}``.
     """
-    om = OnnxMiner(path, providers=providers or ["CPUExecutionProvider"])
+    providers = list(providers or ["CPUExecutionProvider"])
+
+    def load(**kw):
+        return OnnxMiner(path, providers=providers, session_options=session_options, **kw)
+
+    om = load()
     kind = om.output_kind
     d = om.embedding_dim or 8
     dtype = np.float16 if om.dtype == np.float16 else np.float32
@@ -161,17 +172,23 @@ def verify_graph(miner: torch.nn.Module, path: str, sizes: Sequence[int] = (12, 
                 om.noise_shape(n, m if m is not None else n))
         got = om(*args, noise=noise)
         got = [got] if isinstance(got, np.ndarray) else list(got)
-        want = eager_tuples(miner, batch, noise)
+        want = eager_tuples(miner, batch, noise, eager_device)
         ok, info = compare(got, want, kind)
         if not ok:
-            sens = sensitive_tuples(miner, batch, kind, eps, noise, seed=seed + i)
+            sens = sensitive_tuples(miner, batch, kind, eps, noise, seed=seed + i,
+                                    device=eager_device)
             ok, info = compare(got, want, kind, sens)
         info.update({"n": n, "m": m if m is not None else n})
+        if om.chunkable and n > 1:   # anchor blocks must give exactly the one-call result
+            chunked = load(chunk_size=max(1, n // 3))(*args)
+            chunked = [chunked] if isinstance(chunked, np.ndarray) else list(chunked)
+            same = all(np.array_equal(x, y) for x, y in zip(chunked, got))
+            info["chunked_equal"] = same
+            ok = ok and same
         if om.is_random:
             valid = valid_tuples(got, kind, batch)
             again = om(*args, seed=seed + 7)
-            again2 = OnnxMiner(path, providers=providers or ["CPUExecutionProvider"])(
-                *args, seed=seed + 7)
+            again2 = load()(*args, seed=seed + 7)
             again = [again] if isinstance(again, np.ndarray) else list(again)
             again2 = [again2] if isinstance(again2, np.ndarray) else list(again2)
             repro = all(np.array_equal(x, y) for x, y in zip(again, again2))

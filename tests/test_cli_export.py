@@ -66,6 +66,22 @@ def test_config_file_with_ref_and_skips(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_anchor_blocks_export_is_verified_in_blocks(tmp_path, capsys):
+    out = tmp_path / "a"
+    rc = _run("export", "--out", str(out), "--anchor-blocks", "--embedding-dim", "8", "-q",
+              "--miners", "BatchHardMiner,HDCMiner")
+    assert rc == 0, capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["anchor_blocks"] is True
+    hard, hdc = manifest["graphs"][0], manifest["graphs"][-1]
+    assert hard["status"] == "ok" and hard["anchor_blocks"]
+    assert [i["name"] for i in hard["inputs"]] == ["embeddings", "labels", "anchor_index"]
+    assert all(r["chunked_equal"] for r in hard["verify"]["runs"])
+    assert hdc["status"] == "skipped" and "independently" in hdc["error"]
+    with pytest.raises(SystemExit, match="exclude each other"):
+        _run("export", "--out", str(out), "--anchor-blocks", "--with-ref")
+
+
 def test_failure_is_reported_and_sets_exit_status(tmp_path, monkeypatch, capsys):
     import exportminers.export as ex
 

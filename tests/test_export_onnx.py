@@ -122,14 +122,16 @@ def test_dynamic_embedding_dim(graphs, name):
 # ------------------------------------------------------------------------ graph content
 
 
-@pytest.mark.parametrize("with_ref", [False, True], ids=["self", "ref"])
+@pytest.mark.parametrize("mode", ["self", "ref", "anchors"])
 @pytest.mark.parametrize("name", SHAPE_FREE)
-def test_no_shape_nodes(graphs, name, with_ref):
+def test_no_shape_nodes(graphs, name, mode):
     """Graphs of the non-sorting miners compute no shapes (strict CUDA placement)."""
-    if with_ref and name in export.SELF_ONLY:
+    if mode == "ref" and name in export.SELF_ONLY:
+        return
+    if mode == "anchors" and name not in export.ROW_INDEPENDENT:
         return
     for cfg in range(len(registry.MINERS[name].configs)):
-        _, path = graphs(name, cfg, with_ref=with_ref)
+        _, path = graphs(name, cfg, with_ref=mode == "ref", anchor_blocks=mode == "anchors")
         counts = export.op_types(path)
         assert not export.SHAPE_OPS.intersection(counts), (cfg, counts)
         assert "Expand" not in counts, (cfg, counts)

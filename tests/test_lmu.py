@@ -223,3 +223,25 @@ def test_positive_columns_lists_each_rows_positives_in_order():
 def test_positive_columns_of_no_positives_is_empty():
     cols, valid = lmu.positive_columns(torch.zeros(4, 5, dtype=torch.bool))
     assert cols.shape == valid.shape == (4, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_masks_anchor_ids_brute_force(seed):
+    """anchor_ids: anchor i is reference row anchor_ids[i] (-1: not in the reference set);
+    that one pair is no positive, everything else is plain label comparison."""
+    g = torch.Generator().manual_seed(seed)
+    ry = torch.randint(0, 3, (11,), generator=g)
+    ids = torch.randperm(11, generator=g)[:6]
+    ids[0] = -1
+    y = torch.where(ids >= 0, ry[ids.clamp(min=0)], torch.randint(0, 3, (6,), generator=g))
+    pos, neg = lmu.pair_masks(y, ry, ids)
+    for i in range(6):
+        for j in range(11):
+            same = int(y[i]) == int(ry[j])
+            assert bool(pos[i, j]) == (same and int(ids[i]) != j)
+            assert bool(neg[i, j]) == (not same)
+    # a block of the batch with its row ids is self-mining restricted to those rows
+    rows = ids[1:]
+    bpos, bneg = lmu.pair_masks(ry[rows], ry, rows)
+    spos, sneg = lmu.pair_masks(ry)
+    assert torch.equal(bpos, spos[rows]) and torch.equal(bneg, sneg[rows])

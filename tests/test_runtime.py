@@ -3,7 +3,6 @@ noise and seeds, anchor chunking, IOBinding/DLPack inputs), a run with torch uni
 and (where ONNX Runtime has CUDA) strict GPU placement."""
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -308,7 +307,134 @@ def test_chunking_needs_row_independent_with_ref_graph(graphs, tmp_path):
         OnnxMiner(ref_path, chunk_size=0)
     with pytest.raises(ValueError, match="not both"):
         OnnxMiner(ref_path, chunk_size=2, max_block_elements=10)
-    assert OnnxMiner(ref_path, max_block_elements=1)._rows_per_block(10, 7) == 1
+    assert OnnxMiner(ref_path, max_block_elements=1)._rows_per_block(10, 7, D) == 1
+
+
+ANCHOR_MINERS = sorted(export.ROW_INDEPENDENT)
+
+
+@pytest.mark.parametrize("name", ANCHOR_MINERS)
+def test_anchor_blocks_self_mining(name):
+    """anchor_blocks graphs self-mine exactly like eager, whole or in anchor blocks (the
+    self-pairs excluded by anchor_index), through numpy and IOBinding alike."""
+    kind = registry.MINERS[name].output
+    for cfg in range(len(registry.MINERS[name].configs)):
+        miner, path = onnx_graph_cache.graph(name, cfg, anchor_blocks=True)
+        om = OnnxMiner(path)
+        assert om.anchor_blocks and om.chunkable and om.input_names[-1] == "anchor_index"
+        batches = [random_batch(23, D, seed=40 + cfg), random_batch(1, D, seed=1),
+                   random_batch(2, D, seed=2), random_batch(9, D, num_classes=1, seed=3)]
+        for b in batches:
+            args = (b["embeddings"], b["labels"])
+            whole = om(*args)
+            assert as_multisets(whole, kind) == as_multisets(eager_tuples(miner, b), kind), \
+                (cfg, len(b["labels"]))
+            for kw in ({"chunk_size": 1}, {"chunk_size": 4}, {"max_block_elements": 23 * 23}):
+                assert _same(OnnxMiner(path, **kw)(*args), whole), (cfg, kw)
+        b = batches[0]
+        t = [torch.from_numpy(b["embeddings"]), torch.from_numpy(b["labels"])]
+        chunked = OnnxMiner(path, chunk_size=5)
+        assert _same([x.numpy() for x in chunked(*t, device_output=True)],
+                     om(b["embeddings"], b["labels"]))
+
+
+def test_anchor_blocks_refused_where_rows_depend_on_each_other(tmp_path):
+    with pytest.raises(ValueError, match="anchor_blocks.*independently"):
+        export.export_onnx(exportminers.miners.HDCMiner(), tmp_path / "h.onnx", anchor_blocks=True)
+    with pytest.raises(ValueError, match="anchor_blocks.*independently"):
+        export.export_onnx(exportminers.miners.TripletMarginMiner(
+            max_triplets_per_anchor=2, cap_order="random"), tmp_path / "t.onnx", anchor_blocks=True)
+    with pytest.raises(ValueError, match="anchor_blocks"):
+        export.export_onnx(exportminers.miners.BatchHardMiner(), tmp_path / "b.onnx",
+                           anchor_blocks=True, with_ref=True)
+    _, path = onnx_graph_cache.graph("BatchHardMiner", anchor_blocks=True)
+    b = random_batch(6, D, m=5, seed=0)
+    with pytest.raises(ValueError, match="ref_emb"):
+        OnnxMiner(path)(b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"])
+
+
+def _all_intermediate_sizes(path, feeds):
+    """Largest element count among every value the graph computes, by running it with
+    every intermediate exposed as an output."""
+    model = onnx.load(path)
+    have = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in have:
+                model.graph.output.add().name = out
+                have.add(out)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return max(int(np.asarray(v).size) for v in sess.run(None, feeds))
+
+
+@pytest.mark.parametrize("name,mode", [("TripletMarginMiner", "self"),
+                                       ("TripletMarginMiner", "anchors"),
+                                       ("AngularMiner", "ref"), ("HDCMiner", "self"),
+                                       ("DistanceWeightedMiner", "ref"),
+                                       ("UniformHistogramMiner", "self"),
+                                       ("BatchHardMiner", "anchors")])
+def test_largest_tensors_metadata_bounds_every_intermediate(name, mode):
+    """The symbolic largest-tensor shapes in the metadata give exactly the element count
+    of the biggest tensor the graph really computes (what the CUDA guard relies on)."""
+    _, path = onnx_graph_cache.graph(name, 0, with_ref=mode == "ref",
+                                     anchor_blocks=mode == "anchors")
+    om = OnnxMiner(path)
+    for n, m in ((7, 11), (13, 5)):
+        b = random_batch(m if mode == "anchors" else n, D, m=m if mode == "ref" else None, seed=n)
+        feeds = {"embeddings": b["embeddings"], "labels": b["labels"]}
+        if mode == "ref":
+            feeds.update(ref_emb=b["ref_emb"], ref_labels=b["ref_labels"])
+        if mode == "anchors":
+            feeds["anchor_index"] = np.arange(min(n, m), dtype=np.int64)
+            rows = min(n, m)
+        else:
+            rows, m = n, (m if mode == "ref" else n)
+        if om.is_random:
+            feeds["noise"] = np.random.default_rng(0).random(om.noise_shape(rows, m))
+        assert om.largest_tensor_elements(rows, m, D) == _all_intermediate_sizes(path, feeds)
+
+
+def test_eval_dim_expressions():
+    sizes = {"N": 5, "M": 7, "D": 3}
+    assert [md._eval_dim(x, sizes) for x in (4, "N", "2*N", "N**2", "M*N", "N + 1", "M//2")] \
+        == [4, 5, 10, 25, 35, 6, 3]
+    assert md._eval_dim("s7", sizes) is None and md._eval_dim("N*(", sizes) is None
+    assert md._eval_dim("__import__('os')", sizes) is None
+    assert md.largest_elements([["N", "M"], ["N", "M", "M"], ["Q"]], sizes) == 245
+
+
+def test_cuda_size_guard_chunks_or_refuses(monkeypatch):
+    """On the CUDA EP no tensor may pass 2^31 - 1 elements: chunkable graphs are mined in
+    blocks below it (same result), the rest raise ValueError before running. Simulated
+    here with a small limit on the CPU EP."""
+    from exportminers.runtime import onnx_miner
+    monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 600)
+    b = random_batch(12, D, seed=5)
+    args = (b["embeddings"], b["labels"])
+    miner, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    want = OnnxMiner(path)(*args)
+    om = OnnxMiner(path)
+    om.on_cuda = True                       # 12 x 12 x 12 = 1728 > 600: blocks of 4 rows
+    assert om._rows_per_block(12, 12, D) == 4
+    assert _same(om(*args), want)
+    with pytest.raises(ValueError, match="return_raw"):
+        om(*args, return_raw=True)
+    big = random_batch(30, D, seed=6)       # 30 x 30 = 900 > 600 even for one anchor row
+    with pytest.raises(ValueError, match="27,000 elements.*one anchor row needs 900 elements: mine smaller batches"):
+        om(big["embeddings"], big["labels"])
+    _, self_path = onnx_graph_cache.graph("TripletMarginMiner")
+    om = OnnxMiner(self_path)
+    om.on_cuda = True
+    with pytest.raises(ValueError, match="1,728 elements.*anchor_blocks=True"):
+        om(*args)
+    _, hdc = onnx_graph_cache.graph("HDCMiner")
+    om = OnnxMiner(hdc)
+    om.on_cuda = True
+    small = random_batch(20, D, seed=7)     # 20 x 20 = 400 fits
+    assert as_multisets(om(small["embeddings"], small["labels"]), "pairs") == \
+        as_multisets(OnnxMiner(hdc)(small["embeddings"], small["labels"]), "pairs")
+    with pytest.raises(ValueError, match="HDCMiner.*mine smaller batches"):
+        om(big["embeddings"], big["labels"])
 
 
 def test_row_independence_flags():
@@ -415,65 +541,32 @@ def test_runs_without_torch(graphs, tmp_path):
         assert as_multisets(got[key], kind) == as_multisets(expected[key], kind), key
 
 
-# ------------------------------------------------------------------------ CUDA
+# ------------------------------------------------------------------------ placement
+# (the CUDA checks themselves: tests/test_cuda.py)
 
 
-def _placement(log: str):
-    """{execution provider: [op types]} from ONNX Runtime's verbose placement log."""
-    placed = {}
-    current = None
-    for line in log.splitlines():
-        if "VerifyEachNodeIsAssignedToAnEp" not in line:
-            continue
-        m = re.search(r"placed on \[(\w+)\]", line)
-        if m:
-            current = m.group(1)
-            placed.setdefault(current, [])
-            continue
-        m = re.search(r"\]\s{2,}(\w+) \(", line)
-        if m and current:
-            placed[current].append(m.group(1))
-    return placed
-
-
-SHAPE_ONLY_OPS = {"Shape", "Gather", "Squeeze", "Unsqueeze", "Concat", "Slice", "Reshape",
-                  "Cast", "Constant", "ConstantOfShape", "Range", "Mul", "Add", "Sub", "Div",
-                  "Identity"}
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("name", ROW_MINERS)
-def test_cuda_strict_placement_and_parity(graphs, name, capfd):
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("ONNX Runtime has no CUDAExecutionProvider here")
-    miner, path = graphs(name, with_ref=True)
-    counts = export.op_types(path)
-    # verbose placement log: only small shape nodes may sit on the CPU
-    so = ort.SessionOptions()
-    so.log_severity_level = 0
-    capfd.readouterr()
-    ort.InferenceSession(path, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    placed = _placement(capfd.readouterr().err)
-    on_cpu = placed.get("CPUExecutionProvider", [])
-    assert placed, "no placement lines in the verbose log"
-    assert set(on_cpu) <= SHAPE_ONLY_OPS, on_cpu
-    if not export.SHAPE_OPS.intersection(counts):
-        assert not on_cpu, on_cpu
-    # strict session: every node on CUDA (no CPU fallback allowed)
-    strict = ort.SessionOptions()
-    strict.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    try:
-        om = OnnxMiner(path, providers=["CUDAExecutionProvider"], session_options=strict)
-        assert om.providers == ["CUDAExecutionProvider"]
-    except Exception as e:  # ONNX Runtime refuses a strict session with CPU-placed nodes
-        assert on_cpu, f"strict session refused a graph with every node on CUDA: {e}"
-        om = OnnxMiner(path)
-    b = random_batch(24, D, m=31, seed=21)
-    args = (b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"])
-    kind = registry.MINERS[name].output
-    assert as_multisets(om(*args), kind) == as_multisets(eager_tuples(miner, b), kind)
-    if torch.cuda.is_available():
-        t = [torch.from_numpy(a).cuda() for a in args]
-        dev = om(*t, device_output=True)
-        assert all(d.is_cuda for d in dev)
-        assert as_multisets([d.cpu().numpy() for d in dev], kind) == as_multisets(om(*args), kind)
+def test_node_placement_reads_onnx_runtimes_log(graphs):
+    from exportminers.runtime import placement as pl
+    _, path = graphs("BatchHardMiner")
+    placed = pl.node_placement(path, ["CPUExecutionProvider"])
+    assert list(placed) == ["CPUExecutionProvider"]
+    assert placed["CPUExecutionProvider"]["ops"] is None
+    assert placed["CPUExecutionProvider"]["nodes"] >= 10
+    assert pl.cpu_nodes(placed, ["X"]) == ["X"]
+    log = "\n".join([
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp] Node placements",
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed "
+        "on [CUDAExecutionProvider].    Number of nodes: 2",
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   MatMul (mm)",
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   TopK (topk)",
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed "
+        "on [CPUExecutionProvider]. Number of nodes: 1",
+        "t [V:onnxruntime:, session_state.cc:1 VerifyEachNodeIsAssignedToAnEp]   Shape (s)",
+        "t [V:onnxruntime:, other.cc:1 Something]   Gather (g)"])
+    placed = pl.parse_placement(log)
+    assert placed == {"CUDAExecutionProvider": {"nodes": 2, "ops": ["MatMul", "TopK"]},
+                      "CPUExecutionProvider": {"nodes": 1, "ops": ["Shape"]}}
+    assert pl.cpu_nodes(placed) == ["Shape"]
+    # a strict session names the first provider alone; with the CPU EP it is refused
+    sess, why = pl.strict_session(path, "CPUExecutionProvider")
+    assert sess is None and "CPU" in why

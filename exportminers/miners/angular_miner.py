@@ -134,9 +134,10 @@ class AngularMiner(DenseTripletKernelMiner):
         self.layout = [[0, -1, -2, -3]]
 
     def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+                    ref_labels: Optional[Tensor],
+                    anchor_ids: Optional[Tensor] = None) -> Tuple[List[Tensor], List[Tensor]]:
         refs = embeddings if ref_emb is None else ref_emb
-        pos, neg = lmu.pair_masks(labels, ref_labels)
+        pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         rows, shared = angular_terms(embeddings, refs)
         return rows + [pos, neg], shared
 

@@ -8,7 +8,11 @@ The built-in miners derive from the kernel bases below instead. Each supplies
 
 * ``kernel(embeddings, labels, ref_emb, ref_labels, noise) -> List[Tensor]``: the
   fixed-shape mining step (no ``nonzero``, boolean indexing, ``.item()`` or
-  data-dependent control flow); ``ref_emb``/``ref_labels`` are None for self-mining;
+  data-dependent control flow); ``ref_emb``/``ref_labels`` are None for self-mining.
+  Kernels whose anchor rows are independent (``registry``: ``row_independent``) also
+  take ``anchor_ids`` (anchor ``i`` is reference row ``anchor_ids[i]``, whose pair is
+  then no positive): a block of a batch mined against the whole batch, exactly as
+  self-mining (``export_onnx(..., anchor_blocks=True)``);
 * ``layout``: how :func:`exportminers.decode.decode` reads the kernel outputs;
 * ``noise_shape(n, m)``: the uniform noise a random miner consumes (empty otherwise).
 
@@ -225,7 +229,8 @@ class DenseTripletKernelMiner(TripletKernelMiner):
     """
 
     def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+                    ref_labels: Optional[Tensor],
+                    anchor_ids: Optional[Tensor] = None) -> Tuple[List[Tensor], List[Tensor]]:
         raise NotImplementedError
 
     def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
@@ -233,8 +238,9 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         raise NotImplementedError
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
-        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels)
+               ref_labels: Optional[Tensor], noise: Optional[Tensor],
+               anchor_ids: Optional[Tensor] = None) -> List[Tensor]:
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels, anchor_ids)
         return self.block_kernel(rows, shared, noise)
 
     def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],

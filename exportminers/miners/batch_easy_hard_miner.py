@@ -133,9 +133,10 @@ class BatchEasyHardMiner(PairKernelMiner):
         self.layout = [pos_part, neg_part]
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+               ref_labels: Optional[Tensor], noise: Optional[Tensor],
+               anchor_ids: Optional[Tensor] = None) -> List[Tensor]:
         mat = self.distance(embeddings, ref_emb)
-        pos, neg = lmu.pair_masks(labels, ref_labels)
+        pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         return batch_easy_hard_miner(mat, pos, neg, self.pos_code, self.neg_code,
                                      self.distance.is_inverted, self.allowed_pos_range,
                                      self.allowed_neg_range)

@@ -58,9 +58,10 @@ class MultiSimilarityMiner(PairKernelMiner):
         return CosineSimilarity()
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+               ref_labels: Optional[Tensor], noise: Optional[Tensor],
+               anchor_ids: Optional[Tensor] = None) -> List[Tensor]:
         mat = self.distance(embeddings, ref_emb)
-        pos, neg = lmu.pair_masks(labels, ref_labels)
+        pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         p, n = multi_similarity_miner(mat, pos, neg, self.epsilon, self.distance.is_inverted)
         return [p, n]
 

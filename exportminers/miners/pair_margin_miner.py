@@ -46,9 +46,10 @@ class PairMarginMiner(PairKernelMiner):
         self.layout = [[0, -1, -2], [1, -1, -2]]
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-               ref_labels: Optional[Tensor], noise: Optional[Tensor]) -> List[Tensor]:
+               ref_labels: Optional[Tensor], noise: Optional[Tensor],
+               anchor_ids: Optional[Tensor] = None) -> List[Tensor]:
         mat = self.distance(embeddings, ref_emb)
-        pos, neg = lmu.pair_masks(labels, ref_labels)
+        pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         p, n = pair_margin_miner(mat, pos, neg, self.pos_margin, self.neg_margin,
                                  self.distance.is_inverted)
         return [p, n]

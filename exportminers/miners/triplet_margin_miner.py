@@ -245,9 +245,10 @@ class TripletMarginMiner(DenseTripletKernelMiner):
         return [n, m, m] if self.random_cap else []
 
     def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                    ref_labels: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+                    ref_labels: Optional[Tensor],
+                    anchor_ids: Optional[Tensor] = None) -> Tuple[List[Tensor], List[Tensor]]:
         mat = self.distance(embeddings, ref_emb)
-        pos, neg = lmu.pair_masks(labels, ref_labels)
+        pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         return [mat, pos, neg], []
 
     def block_kernel(self, rows: List[Tensor], shared: List[Tensor],

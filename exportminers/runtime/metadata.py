@@ -3,8 +3,9 @@
 :func:`exportminers.export_onnx` writes them and :class:`exportminers.OnnxMiner` reads
 them; values are strings, JSON-encoded where structured.
 """
+import ast
 import json
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 PREFIX = "exportminers."
 
@@ -26,9 +27,12 @@ BATCH_MULTIPLE = PREFIX + "batch_multiple"    # JSON int: N must be a multiple o
 CHECK_FINITE = PREFIX + "check_finite"  # JSON bool: the miner's check_finite
 COMPACT = PREFIX + "compact"            # JSON bool: outputs are already index tuples
 EXPORTER = PREFIX + "exporter"          # which exporter produced the graph
+ANCHOR_BLOCKS = PREFIX + "anchor_blocks"  # JSON bool: self-mining of anchor_index rows
+LARGEST_TENSORS = PREFIX + "largest_tensors"  # JSON: shapes of the largest tensors computed
 
 _JSON_KEYS = (CONFIG, LAYOUT, INPUTS, OUTPUTS, OUTPUT_SHAPES, NOISE_SHAPE, WITH_REF,
-              EMBEDDING_DIM, ROW_INDEPENDENT, BATCH_MULTIPLE, CHECK_FINITE, COMPACT)
+              EMBEDDING_DIM, ROW_INDEPENDENT, BATCH_MULTIPLE, CHECK_FINITE, COMPACT,
+              ANCHOR_BLOCKS, LARGEST_TENSORS)
 REQUIRED = (VERSION, MINER, LAYOUT, INPUTS, OUTPUTS, NOISE_SHAPE, OUTPUT_KIND, WITH_REF,
             DTYPE, EMBEDDING_DIM)
 OUTPUT_KINDS = ("triplets", "pairs", "subset")
@@ -58,3 +62,56 @@ def decode(props: Mapping[str, str], source: str = "the graph") -> Dict[str, Any
     if out[OUTPUT_KIND] not in OUTPUT_KINDS:
         raise ValueError(f"{source}: unknown output kind {out[OUTPUT_KIND]!r}")
     return out
+
+
+def _eval_dim(expr: Any, sizes: Mapping[str, int]) -> Optional[int]:
+    """Value of one symbolic dim (an int, or an expression such as ``"2*N"``, ``"N**2"``,
+    ``"M*N"`` over the names in ``sizes``); None when it names anything else."""
+    if isinstance(expr, int):
+        return expr
+    try:
+        tree = ast.parse(str(expr), mode="eval")
+    except SyntaxError:
+        return None
+
+    def ev(node) -> Optional[int]:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return int(node.value)
+        if isinstance(node, ast.Name):
+            return sizes.get(node.id)
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            if a is None or b is None:
+                return None
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            if isinstance(node.op, ast.FloorDiv) and b != 0:
+                return a // b
+            if isinstance(node.op, ast.Pow) and 0 <= b <= 8:
+                return a ** b
+        return None
+
+    return ev(tree)
+
+
+def largest_elements(shapes: List[List[Any]], sizes: Mapping[str, int]) -> int:
+    """Most elements of any tensor among ``shapes`` (the ``LARGEST_TENSORS`` entry) for
+    the given sizes (``{"N": ..., "M": ..., "D": ...}``); shapes it cannot evaluate are
+    skipped."""
+    best = 0
+    for shape in shapes:
+        total = 1
+        for dim in shape:
+            v = _eval_dim(dim, sizes)
+            if v is None:
+                total = -1
+                break
+            total *= max(v, 0)
+        best = max(best, total)
+    return best

@@ -29,6 +29,10 @@ _DLPACK_CUDA = 2
 _DLPACK_CUDA_HOST = 3
 _DLPACK_CUDA_MANAGED = 13
 
+# Largest tensor ONNX Runtime's CUDA kernels handle (../shared/GPU_FACTS.md: an
+# elementwise node over more than 2^31 elements failed and poisoned the CUDA context).
+CUDA_MAX_ELEMENTS = 2 ** 31 - 1
+
 
 def default_providers() -> List[str]:
     """``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when ONNX Runtime has CUDA,
@@ -83,10 +87,11 @@ class OnnxMiner:
             ``OnnxMiner`` objects built with the same seed return the same sequence.
             A call may override it with its own ``seed=`` or pass ``noise=`` explicitly.
         chunk_size: mine anchors in blocks of this many rows against the whole reference
-            set (graphs exported ``with_ref=True`` of miners whose anchor rows are
-            independent; metadata ``row_independent``). Results equal one big call.
+            set (graphs exported ``with_ref=True`` or ``anchor_blocks=True`` of miners
+            whose anchor rows are independent; metadata ``row_independent``). Results
+            equal one big call.
         max_block_elements: instead of ``chunk_size``, choose the block so that the
-            largest fixed-shape output stays within this many elements.
+            largest tensor the graph computes stays within this many elements.
         check_finite: reject NaN/inf embeddings (default: as the exported miner).
         provider_options: passed to ``InferenceSession``.
 
@@ -106,6 +111,10 @@ class OnnxMiner:
     On the IOBinding path, inputs are checked for shape and dtype without leaving the
     device; the NaN/inf check runs for torch tensors (on their device) and host
     DLPack arrays, and is skipped for other device arrays.
+
+    On the CUDA EP no tensor may exceed 2^31 - 1 elements (a larger one fails and leaves
+    the process's CUDA context unusable): chunkable graphs are then mined in anchor
+    blocks automatically, other calls that would exceed it raise ``ValueError`` first.
     """
 
     def __init__(self, path: Union[str, os.PathLike], providers: Optional[Sequence[Any]] = None,
@@ -140,6 +149,9 @@ class OnnxMiner:
         self.row_independent: bool = bool(meta.get(md.ROW_INDEPENDENT, False))
         self.batch_multiple: int = int(meta.get(md.BATCH_MULTIPLE, 1) or 1)
         self.compact: bool = bool(meta.get(md.COMPACT, False))
+        self.anchor_blocks: bool = bool(meta.get(md.ANCHOR_BLOCKS, False))
+        self.largest_tensors: List[List[Any]] = meta.get(md.LARGEST_TENSORS) or [
+            ["N"] + list(dims[1:]) for dims in self.output_shapes]
         self.check_finite: bool = bool(meta.get(md.CHECK_FINITE, True)) \
             if check_finite is None else bool(check_finite)
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
@@ -149,6 +161,7 @@ class OnnxMiner:
         self.noise_dtype = np.dtype(_ONNX_TO_NP.get(graph_inputs["noise"].type, np.float64)) \
             if "noise" in graph_inputs else None
         self.providers: List[str] = self.session.get_providers()
+        self.on_cuda: bool = self.providers[0] == "CUDAExecutionProvider"
         self._rng = np.random.default_rng(seed)
         self.chunk_size = _positive_int_or_none(chunk_size, "chunk_size")
         self.max_block_elements = _positive_int_or_none(max_block_elements, "max_block_elements")
@@ -173,13 +186,18 @@ class OnnxMiner:
         return (f"OnnxMiner({self.path!r}, miner={self.miner_name}, config={self.config}, "
                 f"with_ref={self.with_ref}, dtype={self.dtype.name}, providers={self.providers})")
 
+    @property
+    def chunkable(self) -> bool:
+        """Anchor rows can be mined in blocks with results equal to one call."""
+        return self.row_independent and (self.with_ref or self.anchor_blocks)
+
     def _check_chunkable(self) -> None:
         arg = "chunk_size" if self.chunk_size is not None else "max_block_elements"
-        if not self.with_ref:
+        if not self.with_ref and not self.anchor_blocks:
             raise ValueError(
-                f"{arg}: anchor chunking needs a graph exported with with_ref=True (a "
-                f"self-mining graph excludes self-pairs along its diagonal, which a block of "
-                f"anchors cannot express); export with_ref=True and pass the batch as ref_emb")
+                f"{arg}: anchor chunking needs a graph that takes a block of anchors with the "
+                f"whole reference set: export with anchor_blocks=True (self-mining) or "
+                f"with_ref=True")
         if not self.row_independent:
             raise ValueError(
                 f"{arg}: {self.miner_name} does not mine each anchor row independently "
@@ -189,18 +207,59 @@ class OnnxMiner:
         """Shape of the noise input for ``n`` anchors and ``m`` references ([] if none)."""
         return [n if s == "N" else m if s == "M" else int(s) for s in self.noise_spec]
 
-    def _rows_per_block(self, n: int, m: int) -> int:
+    def largest_tensor_elements(self, n: int, m: int, d: int) -> int:
+        """Most elements of any tensor the graph computes for ``n`` anchors, ``m``
+        references (= ``n`` when self-mining) and width ``d``."""
+        return md.largest_elements(self.largest_tensors, {"N": n, "M": m, "D": d})
+
+    def _rows_within(self, n: int, m: int, d: int, budget: int) -> int:
+        """Most anchor rows (at most ``n``) whose largest tensor fits ``budget``; 0 if
+        not even one row fits."""
+        if self.largest_tensor_elements(n, m, d) <= budget:
+            return n
+        lo, hi = 0, n   # elements(lo) fits (or lo = 0), elements(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.largest_tensor_elements(mid, m, d) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _rows_per_block(self, n: int, m: int, d: int, return_raw: bool = False) -> int:
+        """Anchor rows per run: the asked-for chunking, capped on the CUDA EP so that no
+        tensor exceeds :data:`CUDA_MAX_ELEMENTS` (ValueError where that cannot be)."""
+        per = n
         if self.chunk_size is not None:
-            return self.chunk_size
-        if self.max_block_elements is None:
-            return max(n, 1)
-        cost = 1
-        for dims in self.output_shapes:
-            c = 1
-            for s in dims[1:]:
-                c *= n if s == "N" else int(s) if isinstance(s, int) else m
-            cost = max(cost, c)
-        return max(1, self.max_block_elements // cost)
+            per = min(n, self.chunk_size)
+        elif self.max_block_elements is not None:
+            per = max(1, self._rows_within(n, m, d, self.max_block_elements))
+        if not self.on_cuda:
+            return per
+        fit = self._rows_within(n, m, d, CUDA_MAX_ELEMENTS)
+        if fit >= (n if return_raw else per):
+            return per
+        where = f"mining {n} anchors against {m} references" if self.with_ref or \
+            self.anchor_blocks else f"self-mining {n} rows"
+        head = (f"embeddings: {where} makes this {self.miner_name} graph compute a tensor of "
+                f"{self.largest_tensor_elements(n, m, d):,} elements, beyond the "
+                f"{CUDA_MAX_ELEMENTS:,} that ONNX Runtime's CUDA kernels handle (a larger one "
+                f"fails and leaves the process's CUDA context unusable)")
+        if return_raw:
+            raise ValueError(head + "; return_raw=True returns one run's outputs: mine fewer "
+                             "anchors per call")
+        if fit >= 1 and self.chunkable:
+            return fit
+        if self.chunkable:
+            raise ValueError(
+                head + f"; even one anchor row needs {self.largest_tensor_elements(1, m, d):,}"
+                f" elements: mine smaller batches" + (
+                    " or against a smaller reference set" if self.with_ref else ""))
+        if self.row_independent and not self.with_ref:
+            raise ValueError(head + "; export the miner with anchor_blocks=True to mine the "
+                             "batch in anchor blocks, or mine smaller batches")
+        raise ValueError(head + "; mine smaller batches" + (
+            " or against a smaller reference set" if self.with_ref else ""))
 
     # ------------------------------------------------------------------ calling
 
@@ -228,10 +287,16 @@ class OnnxMiner:
         noise_arr = self._noise(n, m, seed, noise)
         if n == 0 or m == 0:
             return self._empty(n, m, return_raw)
+        per = self._rows_per_block(n, m, emb.shape[1], return_raw)
 
         def run(s: int, e: int):
-            feeds = {"embeddings": np.ascontiguousarray(emb[s:e]),
-                     "labels": np.ascontiguousarray(lab[s:e])}
+            if self.anchor_blocks:
+                feeds = {"embeddings": np.ascontiguousarray(emb),
+                         "labels": np.ascontiguousarray(lab),
+                         "anchor_index": np.arange(s, e, dtype=np.int64)}
+            else:
+                feeds = {"embeddings": np.ascontiguousarray(emb[s:e]),
+                         "labels": np.ascontiguousarray(lab[s:e])}
             if ref is not None:
                 feeds["ref_emb"] = np.ascontiguousarray(ref)
                 feeds["ref_labels"] = np.ascontiguousarray(ref_lab)
@@ -242,7 +307,6 @@ class OnnxMiner:
         if return_raw:
             return run(0, n)
         blocks = []
-        per = self._rows_per_block(n, m)
         for s in range(0, n, per):
             e = min(n, s + per)
             blocks.append((s, self._decode_np(run(s, e))))
@@ -430,11 +494,15 @@ class OnnxMiner:
             return self._empty(n, m, False, like=emb if device_output else None)
         dev_type, dev_id = emb.__dlpack_device__()
         out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
+        per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw)
 
         def run(s: int, e: int):
             binding = self.session.io_binding()
-            keep = [self._bind(binding, "embeddings", emb if (s, e) == (0, n) else emb[s:e]),
-                    self._bind(binding, "labels", lab if (s, e) == (0, n) else lab[s:e])]
+            whole = (s, e) == (0, n) or self.anchor_blocks
+            keep = [self._bind(binding, "embeddings", emb if whole else emb[s:e]),
+                    self._bind(binding, "labels", lab if whole else lab[s:e])]
+            if self.anchor_blocks:
+                keep.append(self._bind(binding, "anchor_index", np.arange(s, e, dtype=np.int64)))
             if ref is not None:
                 keep.append(self._bind(binding, "ref_emb", ref))
                 keep.append(self._bind(binding, "ref_labels", ref_lab))
@@ -451,7 +519,6 @@ class OnnxMiner:
 
         if return_raw:
             return run(0, n)
-        per = self._rows_per_block(n, m) if (self.chunk_size or self.max_block_elements) else n
         blocks = []
         for s in range(0, n, per):
             e = min(n, s + per)

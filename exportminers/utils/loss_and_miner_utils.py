@@ -19,13 +19,18 @@ from .. import _ops
 # --------------------------------------------------------------------------- masks
 
 
-def pair_masks(labels: Tensor, ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def pair_masks(labels: Tensor, ref_labels: Optional[Tensor] = None,
+               anchor_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Positive and negative pair masks.
 
     Args:
         labels: Tensor[N] (anchors).
         ref_labels: Tensor[M], or None for self-mining (then M = N and the diagonal is
             excluded from the positives).
+        anchor_ids: Tensor[N] int64 with ``ref_labels``: anchor ``i`` is reference row
+            ``anchor_ids[i]`` (a block of a batch mined against the whole batch), so the
+            pair ``(i, anchor_ids[i])`` is excluded from the positives; rows that are not
+            in the reference set hold -1.
 
     Returns:
         (pos Tensor[N, M] bool, neg Tensor[N, M] bool)
@@ -36,6 +41,9 @@ def pair_masks(labels: Tensor, ref_labels: Optional[Tensor] = None) -> Tuple[Ten
     else:
         same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
         pos = same
+        if anchor_ids is not None:
+            cols = _ops.index_like(ref_labels, 0)
+            pos = pos & (anchor_ids.unsqueeze(1) != cols.unsqueeze(0))
     return pos, ~same
 
 
