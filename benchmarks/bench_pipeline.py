@@ -15,6 +15,7 @@ File IO (Parquet shards) is not timed here; ``mine()`` adds it on top.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -54,11 +55,11 @@ def gpu_memory_mib():
     return None
 
 
-def run_ort(q, ql, m, ml, k, bq, bm, device, dtype):
+def run_ort(q, ql, m, ml, k, bq, bm, device, dtype, profile_prefix=None):
     """Engine path: every bank block once, all query blocks against it, host merge."""
     cfg = MineConfig(k=k, metric="dot", num_positives=1)
     spec = GraphSpec("both", "dot", band=False, easy=False, dtype=dtype)
-    runner = BlockRunner(spec, device)
+    runner = BlockRunner(spec, device, profile_prefix=profile_prefix)
     npd = np.dtype(dtype)
     Q, M = len(q), len(m)
 
@@ -77,7 +78,62 @@ def run_ort(q, ql, m, ml, k, bq, bm, device, dtype):
     t0 = time.perf_counter()
     res = run_pass(runner, qblocks, mblocks, Q, cfg.num_candidates, 1, npd)
     t = time.perf_counter() - t0
-    return t, t_upload, res.neg.i, res.hpos.i, gpu_memory_mib() if device == "cuda" else None
+    ops = op_breakdown(runner.sess.end_profiling()) if profile_prefix else None
+    return (t, t_upload, res.neg.i, res.hpos.i, gpu_memory_mib() if device == "cuda" else None,
+            ops)
+
+
+def op_breakdown(profile_path):
+    """{op type: total microseconds} from an ONNX Runtime profile (kernel time per node)."""
+    with open(profile_path, encoding="utf-8") as f:
+        events = json.load(f)
+    total = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+            continue
+        op = (ev.get("args") or {}).get("op_name", "?")
+        total[op] = total.get(op, 0) + int(ev.get("dur", 0))
+    os.remove(profile_path)
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def matmul_floor(Q, M, d, bq, bm, device, dtype):
+    """Seconds for the block matmuls alone (the pipeline's compute floor on these blocks)
+    and the TFLOP/s of one large square matmul (the device's fp16 ceiling), with torch."""
+    import torch
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    tdt = torch.float16 if dtype == "float16" else torch.float32
+    if dev.type == "cpu" and tdt == torch.float16:
+        tdt = torch.float32
+    qb = torch.randn(bq, d, device=dev).to(tdt)
+    mb = torch.randn(bm, d, device=dev).to(tdt)
+    n_pairs = -(-Q // bq) * -(-M // bm)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        out = qb @ mb.T
+        reps = min(n_pairs, 8)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(qb, mb.T, out=out)
+        sync()
+        floor = (time.perf_counter() - t0) / reps * n_pairs
+        del out
+        s = 8192 if dev.type == "cuda" else 1024
+        a = torch.randn(s, s, device=dev).to(tdt)
+        c = a @ a
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            torch.matmul(a, a, out=c)
+        sync()
+        peak = 2.0 * s ** 3 * 5 / (time.perf_counter() - t0) / 1e12
+    return floor, peak
 
 
 def run_torch(q, ql, m, ml, k, bq, bm, device, dtype):
@@ -144,6 +200,13 @@ def main(argv=None):
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--dtype", choices=["float16", "float32"], default=None)
     p.add_argument("--skip-torch", action="store_true", help="ONNX Runtime only")
+    p.add_argument("--block-sizes", default=None, metavar="QxM,...",
+                   help="also time the block engine at these block sizes (throughput vs block "
+                        "size; plotted with --out)")
+    p.add_argument("--ort-profile", action="store_true",
+                   help="break the engine's time down by ONNX operator (ONNX Runtime profiling)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write pipeline_<device>.json (and pipeline_blocks_<device>.png) here")
     args = p.parse_args(argv)
     if args.quick:
         args.queries, args.bank, args.dim = 512, 8192, 32
@@ -162,20 +225,43 @@ def main(argv=None):
     m, ml = make_data(M, d, classes, 2, np.float16 if dtype == "float16" else np.float32)
     flops = 2.0 * Q * M * d
 
-    def report(name, t, mem):
+    result = {"queries": Q, "bank": M, "dim": d, "k": k, "dtype": dtype, "device": device,
+              "block": f"{bq}x{bm}", "rows": []}
+
+    def report(name, t, mem, **extra):
         mem_s = f"{mem:,.0f} MiB" if mem is not None else "n/a"
         print(f"{name:28s} {t:8.3f} s  {Q / t:12,.0f} queries/s  {flops / t / 1e12:8.2f} TFLOP/s  "
               f"peak GPU memory {mem_s}")
+        result["rows"].append({"name": name, "seconds": t, "queries_per_s": Q / t,
+                               "tflops": flops / t / 1e12, "peak_gpu_mib": mem, **extra})
 
-    t, t_up, ort_neg, ort_pos, mem = run_ort(q, ql, m, ml, k, bq, bm, device, dtype)
-    report("onnxruntime block engine", t, mem)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    profile = os.path.join(args.out or ".", "ort_profile") if args.ort_profile else None
+    t, t_up, ort_neg, ort_pos, mem, ops = run_ort(q, ql, m, ml, k, bq, bm, device, dtype,
+                                                  profile)
+    report("onnxruntime block engine", t, mem, block=f"{bq}x{bm}", upload_s=t_up)
     print(f"{'':28s} (+{t_up:.3f} s preparing and uploading blocks, not timed above)")
-    if not args.skip_torch:
+    if ops:
+        total = sum(ops.values()) or 1
+        print("onnxruntime kernel time by operator (warm-up and timed pass): " + ", ".join(
+            f"{op} {100 * us / total:.1f}%" for op, us in list(ops.items())[:8]))
+        result["ort_ops_us"] = ops
+    sweep = []
+    for size in (args.block_sizes.split(",") if args.block_sizes else []):
+        sq, sm = (int(v) for v in size.lower().split("x"))
+        check_block_sizes(sq, sm)
+        ts = run_ort(q, ql, m, ml, k, sq, sm, device, dtype)[0]
+        report(f"  engine, blocks {sq}x{sm}", ts, None, block=f"{sq}x{sm}")
+        sweep.append((f"{sq}x{sm}", Q / ts))
+    have_torch = not args.skip_torch
+    if have_torch:
         try:
             import torch  # noqa: F401
         except ImportError:
             print("torch not installed: baseline skipped")
-            return 0
+            have_torch = False
+    if have_torch:
         tt, t_neg, t_pos, tmem = run_torch(q, ql, m, ml, k, bq, bm, device, dtype)
         report("torch chunked matmul+topk", tt, tmem)
         same_neg = np.mean([len(set(a) & set(b)) / k for a, b in zip(ort_neg, t_neg)])
@@ -183,6 +269,31 @@ def main(argv=None):
         print(f"agreement: {100 * same_neg:.2f}% of negatives, {100 * same_pos:.2f}% of hardest "
               "positives (float16 ties may differ)")
         print(f"speed ratio torch / onnxruntime: {tt / t:.2f}x")
+        floor, peak = matmul_floor(Q, M, d, bq, bm, device, dtype)
+        print(f"{'matmul floor (same blocks)':28s} {floor:8.3f} s  {flops / floor / 1e12:8.2f} "
+              f"TFLOP/s; large square matmul: {peak:.0f} TFLOP/s; the engine takes "
+              f"{t / floor:.1f}x the matmul floor")
+        result.update(torch_over_ort=tt / t, agreement_neg=float(same_neg),
+                      agreement_pos=float(same_pos), matmul_floor_s=floor,
+                      matmul_peak_tflops=peak, engine_over_floor=t / floor)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"pipeline_{device}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        if sweep:
+            try:
+                import matplotlib
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+                fig, ax = plt.subplots(figsize=(6, 3.5))
+                ax.bar([s for s, _ in sweep], [v for _, v in sweep])
+                ax.set_xlabel("block (queries x bank rows)")
+                ax.set_ylabel("queries / s")
+                ax.set_title(f"pipeline throughput vs block size ({device}, {dtype})")
+                fig.tight_layout()
+                fig.savefig(os.path.join(args.out, f"pipeline_blocks_{device}.png"), dpi=120)
+            except ImportError:
+                print("matplotlib not installed: no plot")
     return 0
 
 

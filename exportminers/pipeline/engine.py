@@ -59,7 +59,8 @@ class BlockRunner:
     Inputs live on the device as OrtValues (``put``); outputs come back to the host.
     """
 
-    def __init__(self, spec: GraphSpec, device: str, threads: Optional[int] = None):
+    def __init__(self, spec: GraphSpec, device: str, threads: Optional[int] = None,
+                 profile_prefix: Optional[str] = None):
         import onnxruntime as ort
 
         self.spec, self.device = spec, device
@@ -68,6 +69,9 @@ class BlockRunner:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
+        if profile_prefix:   # ONNX Runtime's per-node timings (benchmarks), see end_profiling
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         if device == "cuda":
             # Strict placement: every node on CUDA (the graph has no shape nodes).
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

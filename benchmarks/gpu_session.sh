@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One step of the GPU checks, run on a CUDA machine from the repository root (see
+# DEVELOPERS.md, "GPU checks"). Each step fits one 10-minute device call and leaves at
+# most a few files in $OUT (a tarball per results folder).
+#
+#   bash benchmarks/gpu_session.sh cuda-tests   # pytest -m cuda: placement, strict load, parity
+#   bash benchmarks/gpu_session.sh bench        # miner benchmark, N=256,1024 (SIZES=... to change)
+#   bash benchmarks/gpu_session.sh bench-4096   # the N=4096 rows of the slow miners
+#   bash benchmarks/gpu_session.sh pipeline     # bank pipeline vs the torch baseline + profile
+#
+# Needs onnxruntime-gpu importable (PYTHONPATH=/tmp/ortgpu-site, DEVELOPERS.md) and, for the
+# PML rows and the test harness, pytorch-metric-learning (carried in .whl/ when missing).
+set -uo pipefail
+step=${1:?usage: gpu_session.sh cuda-tests|bench|bench-4096|pipeline}
+OUT=${OUT:-/tmp/exportminers-gpu}
+WORK=/tmp/exportminers-gpu-work
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=/tmp/ortgpu-site:$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+python3 - <<'PY' 2>&1 | tee "$OUT/env_$step.txt"
+import onnxruntime as ort, torch, numpy, onnx
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+print("numpy", numpy.__version__, "onnx", onnx.__version__)
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    raise SystemExit("no CUDAExecutionProvider: install onnxruntime-gpu first (DEVELOPERS.md)")
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || exit 2
+
+pack() {  # pack a results folder into one file under $OUT
+    tar czf "$OUT/$1.tgz" -C "$WORK" "$1" && echo "results: \$OUT/$1.tgz"
+}
+
+case "$step" in
+cuda-tests)
+    EXPORTMINERS_CUDA_REPORT="$OUT/cuda_report.md" python3 -m pytest -q -m cuda -p no:cacheprovider \
+        -o addopts="" -s tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
+    ;;
+bench)
+    python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \
+        --cap-s "${CAP_S:-60}" 2>&1 | tee "$OUT/bench.log"
+    pack bench
+    ;;
+bench-4096)
+    python3 -m benchmarks.run --device cuda --out "$WORK/bench4096" --sizes 4096 \
+        --miners "${MINERS:-TripletMarginMiner,AngularMiner,DistanceWeightedMiner,UniformHistogramMiner}" \
+        --cap-s "${CAP_S:-120}" 2>&1 | tee "$OUT/bench4096.log"
+    pack bench4096
+    ;;
+pipeline)
+    python3 benchmarks/bench_pipeline.py --out "$WORK/pipeline" --ort-profile \
+        --block-sizes "${BLOCKS:-2048x262144,4096x131072,8192x131072,2048x524288}" \
+        2>&1 | tee "$OUT/pipeline.log"
+    pack pipeline
+    ;;
+*)
+    echo "unknown step $step" >&2
+    exit 2
+    ;;
+esac
