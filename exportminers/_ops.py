@@ -89,11 +89,22 @@ def searchsorted_rows(sorted_rows: Tensor, values: Tensor, right: bool) -> Tenso
 
 
 def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
-    # Merge each row's sorted entries with its values in one stable sort (the ONNX
-    # TopK/Sort kernels are stable); a value's position in the merged row minus the
-    # number of values placed before it is the number of row entries placed before it.
+    # Merge each row's sorted entries with its values in one sort; a value's position in
+    # the merged row minus the number of values placed before it is the number of row
+    # entries placed before it.
+    #
+    # The ONNX spec orders TopK ties by index, but ONNX Runtime's CUDA TopK does not for
+    # rows of 257 to 4096 elements (its radix-select path), so nothing here may depend
+    # on the tie order: integer rows are keyed 2x+1 / 2x (entries / values, or the other
+    # way round for right=True) so that an entry never ties with a value; ties between
+    # entries, or between values, do not change any count. Float rows keep their
+    # values: an entry tying a value exactly is then the one case the tie order decides.
     # row lengths from data: a Python size would put Shape nodes in the exported graph
     length = ones_int_like(sorted_rows[0]).sum()
+    if not sorted_rows.is_floating_point():
+        entries = 2 * sorted_rows.to(torch.int64) + (0 if right else 1)
+        values = 2 * values.to(torch.int64) + (1 if right else 0)
+        sorted_rows = entries
     if right:
         merged = torch.cat([sorted_rows, values], dim=1)  # entries first: ties go before values
     else:

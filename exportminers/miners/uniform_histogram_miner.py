@@ -73,9 +73,11 @@ def uniform_histogram_miner(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int
     """Fixed-shape UniformHistogramMiner kernel.
 
     Every pair gets a key: its bin among the positive pairs, ``num_bins`` + its bin among
-    the negative pairs, or ``2 * num_bins`` (neither). One stable sort by key lays out
-    each bin's members contiguously, in index order; ``K`` members are then drawn
-    uniformly with replacement from each non-empty bin.
+    the negative pairs, or ``2 * num_bins`` (neither). One sort by (key, pair index)
+    lays out each bin's members contiguously, in index order; ``K`` members are then
+    drawn uniformly with replacement from each non-empty bin. The sort key is unique
+    (``key * N*M + index``), so the order does not depend on how the sort breaks ties
+    (ONNX Runtime's CUDA TopK does not order ties by index for every length).
 
     Args:
         mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
@@ -93,11 +95,12 @@ def uniform_histogram_miner(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int
     key = torch.where(pos_f, pool_bins(flat, pos_f, num_bins),
                       torch.where(neg_f, pool_bins(flat, neg_f, num_bins) + num_bins,
                                   2 * num_bins))
+    last = _ops.ones_int_like(key).sum() - 1           # N*M - 1, from data (no Shape)
     counts = torch.zeros(2 * num_bins + 1, dtype=torch.int64, device=mat.device)
     counts = counts.scatter_add(0, key, _ops.ones_int_like(key))[:2 * num_bins]
-    order = torch.argsort(key, stable=True)
+    flat_index = _ops.index_like(key, 0)
+    order = torch.argsort(key * (last + 1) + flat_index, stable=True)
     offsets = torch.cumsum(counts, 0) - counts
-    last = _ops.ones_int_like(key).sum() - 1           # N*M - 1, from data (no Shape)
     return _sample_bins(order, counts[:num_bins], offsets[:num_bins], noise_pos, last, m) + \
         _sample_bins(order, counts[num_bins:], offsets[num_bins:], noise_neg, last, m)
 
