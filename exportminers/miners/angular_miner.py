@@ -48,8 +48,73 @@ def angular_terms(anchors: Tensor, refs: Tensor) -> Tuple[List[Tensor], List[Ten
     return [g, c_sq, ap, a_sum], [h, ne_sq, r_sum]
 
 
+def _ordered(bits: int, width: int) -> int:
+    """Float bit pattern (as an unsigned int) -> an int in the float's order (+-0 -> 0)."""
+    sign = 1 << (width - 1)
+    return -(bits & (sign - 1)) if bits & sign else bits
+
+
+def _from_ordered(key: int, width: int) -> int:
+    return key if key >= 0 else (-key) | (1 << (width - 1))
+
+
+_FLOAT_BITS = {torch.float16: (torch.int16, 16), torch.float32: (torch.int32, 32),
+               torch.float64: (torch.int64, 64)}
+
+
+def atan_cut(angle: float, dtype: torch.dtype) -> float:
+    """The largest ``r`` of ``dtype`` with ``torch.atan(r) > angle`` False.
+
+    ``atan`` is non-decreasing, so ``torch.atan(r) > angle`` (computed in ``dtype``, as
+    the eager kernel does) holds exactly for ``r > atan_cut(angle, dtype)``; the exported
+    graph compares with the cut-off instead (ONNX Runtime's CUDA EP has no ``Atan``
+    kernel). Found by bisection over the floats of ``dtype`` in order; +inf if the test
+    holds for no number, -inf if it holds for every number (then ``r > cut`` misses
+    ``r = -inf`` alone; the kernel's ratios are never negative).
+    """
+    int_dtype, width = _FLOAT_BITS[dtype]
+    mask = (1 << width) - 1
+
+    def to_float(key: int) -> torch.Tensor:
+        bits = _from_ordered(key, width)
+        if bits >= 1 << (width - 1):
+            bits -= 1 << width            # as the signed int of that width
+        return torch.tensor([bits], dtype=int_dtype).view(dtype)
+
+    def holds(key: int) -> bool:
+        return bool((torch.atan(to_float(key)) > angle)[0])
+
+    inf_key = _ordered(int(torch.tensor([float("inf")], dtype=dtype).view(int_dtype)[0]) & mask,
+                       width)
+    lo, hi = -inf_key, inf_key
+    if holds(lo):
+        return float("-inf")
+    if not holds(hi):
+        return float("inf")
+    while hi - lo > 1:            # holds(lo) is False, holds(hi) is True
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid
+    return float(to_float(lo)[0])
+
+
+def atan_cuts(angle: float) -> List[float]:
+    """:func:`atan_cut` for float16, float32 and float64."""
+    return [atan_cut(angle, dt) for dt in (torch.float16, torch.float32, torch.float64)]
+
+
+def _pick_cut(cuts: List[float], dtype: torch.dtype) -> float:
+    if dtype == torch.float16:
+        return cuts[0]
+    if dtype == torch.float32:
+        return cuts[1]
+    return cuts[2]
+
+
 def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Tensor,
-                  angle: float) -> Tensor:
+                  angle: float, cuts: List[float]) -> Tensor:
     """Angle test for the anchors in ``rows`` (see :func:`angular_terms`).
 
     Returns:
@@ -59,7 +124,7 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     h, ne_sq, r_sum = shared[0], shared[1], shared[2]
     if _ops.is_exporting():
         return _angles_exceed(g, c_sq, ap, a_sum, h.unsqueeze(0), ne_sq,
-                              r_sum.view(1, -1, 1), angle) & lmu.triplet_mask(pos, neg)
+                              r_sum.view(1, -1, 1), angle, cuts) & lmu.triplet_mask(pos, neg)
     n_rows, m = g.size(0), g.size(1)
     out = torch.empty((n_rows, m, m), dtype=torch.bool, device=g.device)
     # rows per block: each of a block's few float64 temporaries stays within
@@ -68,12 +133,13 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     for s in range(0, n_rows, per):
         e = min(n_rows, s + per)
         out[s:e] = _angles_exceed(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h.unsqueeze(0),
-                                  ne_sq, r_sum.view(1, -1, 1), angle) & \
+                                  ne_sq, r_sum.view(1, -1, 1), angle, cuts) & \
             lmu.triplet_mask(pos[s:e], neg[s:e])
     return out
 
 
-def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float) -> Tensor:
+def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float,
+                  cuts: Optional[List[float]] = None) -> Tensor:
     """Fixed-shape AngularMiner kernel.
 
     For each triplet (a, p, n) with c = (a + p) / 2, the angle is
@@ -87,16 +153,18 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
         anchors: Tensor[N, D]; refs: Tensor[M, D] (positives and negatives).
         pos, neg: Tensor[N, M] bool pair masks.
         angle: threshold in radians.
+        cuts: :func:`atan_cuts` of ``angle`` (computed if not given).
 
     Returns:
         Tensor[N, M(positive), M(negative)] bool.
     """
     rows, shared = angular_terms(anchors, refs)
-    return angular_block(rows, shared, pos, neg, angle)
+    return angular_block(rows, shared, pos, neg, angle,
+                         atan_cuts(angle) if cuts is None else cuts)
 
 
 def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Tensor,
-                   ne_sq: Tensor, p_sum: Tensor, angle: float) -> Tensor:
+                   ne_sq: Tensor, p_sum: Tensor, angle: float, cuts: List[float]) -> Tensor:
     """Angle test for a block of anchors and P positive candidates each.
 
     Args:
@@ -111,7 +179,10 @@ def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Ten
     nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h_pn \
         - eps * (a_sum.view(-1, 1, 1) + p_sum)
     nc = nc_sq.clamp(min=0.0).sqrt().to(ap.dtype)                  # [b, M(p), M(n)]
-    return torch.atan(ap.unsqueeze(2) / (2 * nc)) > angle
+    ratio = ap.unsqueeze(2) / (2 * nc)
+    if _ops.is_exporting():   # the same test without Atan (no CUDA kernel in ONNX Runtime)
+        return ratio > _pick_cut(cuts, ratio.dtype)
+    return torch.atan(ratio) > angle
 
 
 class AngularMiner(DenseTripletKernelMiner):
@@ -125,12 +196,14 @@ class AngularMiner(DenseTripletKernelMiner):
     """
 
     angle: float
+    cuts: List[float]
 
     def __init__(self, angle: float = 20, **kwargs):
         super().__init__(**kwargs)
         require_normalized_l2("AngularMiner", self.distance)
         self.angle_degrees = check_number(angle, "angle")
         self.angle = math.radians(self.angle_degrees)
+        self.cuts = atan_cuts(self.angle)   # the exported graph's Atan-free test
         self.layout = [[0, -1, -2, -3]]
 
     def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
@@ -143,7 +216,7 @@ class AngularMiner(DenseTripletKernelMiner):
 
     def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
                      noise: Optional[Tensor]) -> List[Tensor]:
-        return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle)]
+        return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle, self.cuts)]
 
     def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
         return rows[4]
@@ -159,7 +232,8 @@ class AngularMiner(DenseTripletKernelMiner):
         a_sum, neg = rows[3][start:stop], rows[5][start:stop]
         h, ne_sq, r_sum = shared[0], shared[1], shared[2]
         mask = _angles_exceed(g, torch.gather(c_sq, 1, cols), torch.gather(ap, 1, cols),
-                              a_sum, h[cols], ne_sq, r_sum[cols].unsqueeze(2), self.angle)
+                              a_sum, h[cols], ne_sq, r_sum[cols].unsqueeze(2), self.angle,
+                              self.cuts)
         return mask & valid.unsqueeze(2) & neg.unsqueeze(1)
 
     def extra_repr(self) -> str:
