@@ -212,8 +212,9 @@ def test_hdc_edges(case_name):
 
 
 def _ten_pos_pairs_case():
-    # 5 classes x 2: 10 positive pairs, 80 negative pairs; 0.7 * 10 = 7.000000000000001
-    # and 0.7 * 80 = 56.00000000000001, so PML keeps ceil() = 8 and 57 pairs
+    # 5 classes x 2: 10 positive pairs, 80 negative pairs; f * count is a whole number in
+    # float64 for f = 0.7, 0.1, 0.3 (7.0, 1.0, 3.0, ...), so PML keeps exactly that many;
+    # a multiplier rounded to float32 (0.1 -> 0.10000000149) would tip ceil() past it
     from harness import Case, make_batch
     x, y, _ = make_batch(10, 5, 8, seed=123)
     return Case("ten_pos_pairs", x, y)
@@ -223,6 +224,20 @@ def _ten_pos_pairs_case():
 def test_hdc_keeps_ceil_of_float_product(pct):
     case = _ten_pos_pairs_case()
     check_against_pml(mk("HDCMiner", 4, {"filter_percentage": pct}, tie_aware="global"), case)
+
+
+def test_hdc_exported_keeps_ceil_of_float_product(tmp_path):
+    # the exporter writes a Python-float multiplier as a float32 constant even on a
+    # float64 tensor: 10 * float32(0.1) = 1.0000000149 would keep 2 positives (PML: 1)
+    pytest.importorskip("onnxruntime")
+    from exportminers import OnnxMiner, export_onnx
+    case = _ten_pos_pairs_case()
+    path = export_onnx(our_miner_cls("HDCMiner")(filter_percentage=0.1),
+                       tmp_path / "hdc.onnx", embedding_dim=case.x.size(1))
+    out = OnnxMiner(path, providers=["CPUExecutionProvider"])(
+        case.x.float().numpy(), case.y.numpy())
+    ref = run_pml(pml_miners.HDCMiner(filter_percentage=0.1), case)
+    assert [len(t) for t in out] == [len(t) for t in ref] == [1, 1, 8, 8]
 
 
 def _feed_external(source, case, pml_hdc, our_hdc):

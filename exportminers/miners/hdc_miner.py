@@ -1,5 +1,5 @@
 """HDCMiner (Hard-Aware Deeply Cascaded embedding): the hardest fraction of pairs."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,39 +30,190 @@ def hdc_miner(mat: Tensor, pos: Tensor, neg: Tensor, filter_percentage: float,
               is_inverted: bool) -> List[Tensor]:
     """Fixed-shape HDCMiner kernel over all pairs.
 
-    One stable sort of all N*M pair values serves both pools: within the sorted order,
-    a pool's rank from the small end is its running count, and from the large end its
-    total minus that count.
+    Each pool keeps its ``ceil(filter_percentage * size)`` hardest pairs: the positives
+    with the largest distance (smallest similarity), the negatives with the smallest
+    distance (largest similarity). A pair is kept if it is strictly harder than the
+    pool's cut-off value, or equal to it and early enough in row-major order (NaN counts
+    as the largest value, as in ``torch.topk``; -0.0 equals 0.0).
+
+    No sort: eagerly (and in TorchScript) the cut-off is a ``torch.kthvalue`` of each
+    pool; when exporting it is found by an exact radix select over each value's exponent
+    and significand (:func:`_radix_select`), a few ``scatter_add`` histograms of all
+    pairs, so the graph has no ``TopK`` and computes no shapes.
 
     Args:
-        mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
+        mat: Tensor[N, M] distances or similarities; pos, neg: Tensor[N, M] bool, disjoint.
 
     Returns:
-        ``[pos_sel Tensor[N*M] bool, neg_sel Tensor[N*M] bool, row Tensor[N*M],
-        col Tensor[N*M]]`` over the pairs in sorted order: the hardest
-        ``filter_percentage`` of positive pairs (farthest) and of negative pairs
-        (closest), with each pair's row and column. (Flat outputs keep the exported graph
-        free of reshapes to a symbolic shape.)
+        ``[pos_sel Tensor[N, M] bool, neg_sel Tensor[N, M] bool]``.
     """
-    flat = mat.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    m = _ops.ones_int_like(mat[0]).sum()
-    pos_s = pos.reshape(-1)[order]
-    neg_s = neg.reshape(-1)[order]
-    # positives: farthest first (largest distance / smallest similarity)
-    pos_sel = _take_from_end(pos_s, filter_percentage, largest=not is_inverted)
-    neg_sel = _take_from_end(neg_s, filter_percentage, largest=is_inverted)
-    return [pos_sel, neg_sel, torch.div(order, m, rounding_mode="floor"), order % m]
+    # "harder" is "smaller key": flip the order in the pool whose largest values win
+    flip = neg if is_inverted else pos
+    # float64 sums: exact, and ONNX Runtime sums floats much faster than int64
+    counts = torch.stack([pos.to(torch.float64).sum(), neg.to(torch.float64).sum()])
+    if _ops.is_exporting():
+        # as PML: ceil(f * size) in float64. A Python-float multiplier would reach the
+        # ONNX graph as a float32 constant (290 * float32(0.3) = 87.0000035 -> 88, not
+        # 87); a float64 tensor stays exact. (TorchScript's torch.tensor(float) goes
+        # through float32 instead, hence two spellings.)
+        f = torch.tensor(filter_percentage, dtype=torch.float64, device=counts.device)
+        k = torch.ceil(counts * f).to(torch.int64)
+        return _radix_select(mat, pos, neg, flip, k)
+    k = torch.ceil(counts * filter_percentage).to(torch.int64)
+    return _kth_select(mat, pos, neg, flip, k, is_inverted)
 
 
-def _take_from_end(pool_sorted: Tensor, filter_percentage: float, largest: bool) -> Tensor:
-    """In ascending order, mark the ``ceil(f * count)`` pool members from one end."""
-    running = torch.cumsum(pool_sorted.to(torch.int64), 0)
-    total = running[-1]
-    k = torch.ceil(total.to(torch.float64) * filter_percentage).to(torch.int64)
-    if largest:
-        return pool_sorted & (running > total - k)
-    return pool_sorted & (running <= k)
+def _kth_select(mat: Tensor, pos: Tensor, neg: Tensor, flip: Tensor, k: Tensor,
+                is_inverted: bool) -> List[Tensor]:
+    """Eager/TorchScript variant of :func:`_radix_select`, the same selection: each pool's
+    cut-off is a ``torch.kthvalue`` of its values. (With NaN, whose order comparisons
+    cannot tell, it runs the radix select.)"""
+    if bool(torch.isnan(mat).any()):
+        return _radix_select(mat, pos, neg, flip, k)
+    out: List[Tensor] = []
+    for i, pool in enumerate([pos, neg]):
+        kk = int(k[i])
+        if kk == 0:
+            out.append(torch.zeros_like(pool))
+            continue
+        values = torch.masked_select(mat, pool)
+        largest = (i == 0) != is_inverted   # positives: the largest distances
+        if largest:
+            cut = torch.kthvalue(values, values.numel() - kk + 1).values
+            better = pool & (mat > cut)
+        else:
+            cut = torch.kthvalue(values, kk).values
+            better = pool & (mat < cut)
+        ties = pool & (mat == cut)
+        rank = torch.cumsum(ties.reshape(-1).to(torch.int64), 0).reshape(ties.shape)
+        out.append(better | (ties & (rank <= kk - better.sum())))
+    return out
+
+
+def _radix_select(mat: Tensor, pos: Tensor, neg: Tensor, flip: Tensor,
+                  k: Tensor) -> List[Tensor]:
+    """Export variant of :func:`_kth_select`: an exact radix select of both cut-offs.
+
+    The key of a value is ``(group, significand)``: the group holds the sign (with the
+    pool's direction) and the exponent ``e = floor(log2 |x|)``, the significand is
+    ``|x| * 2^(p - e)`` (p = 23 for float32 and float16 values, 52 for float64), an
+    integer; reversed groups take ``2^(p+1)`` minus it. Digit by digit, a histogram
+    (``scatter_add`` into 2 x 2^bits bins) of the pairs of each pool still equal to its
+    cut-off in the digits so far tells the cut-off's digit (where the running count
+    reaches the rank still wanted) and how many pairs lie below it.
+
+    ONNX has no bitcast before opset 26, so ``e`` comes from ``log2`` in float64. For
+    float32 values that is exact except possibly at exact powers of two, where it may be
+    one too small; ``e`` stays non-decreasing in ``|x|``, so the groups stay ordered, and
+    ``2^(e+1)`` lands at the top of group ``e`` with significand ``2^(p+1)``. Within the
+    cut-off's group one scale (a power of two) serves every value, so the significand is
+    computed for that group only. float64 values (``torch.export`` of the kernel; the
+    ONNX export takes float32/float16) get ``e`` normalised per value.
+    """
+    f64 = mat.dtype == torch.float64
+    p, emin, emax = (52, -1022, 1023) if f64 else (23, -126, 127)
+    # digits, counts and masks in float32 where that is exact (float32/float16 values)
+    wt = torch.float64 if f64 else torch.float32
+    x = mat.to(torch.float64)
+    if f64:
+        a = x.abs()
+        e = torch.floor(torch.log2(a)).clamp(emin, emax)
+        m = a * torch.pow(2.0, -e)
+        up = m >= 2.0
+        e = torch.where(up, e + 1.0, e)
+        m = torch.where(up, m * 0.5, m)
+        down = (m < 1.0) & (e > emin)
+        e = torch.where(down, e - 1.0, e)
+        m = torch.where(down, m * 2.0, m)
+        finite = a < float("inf")
+        # inf, then NaN, above every finite exponent
+        e = torch.where(finite, e, (x != x).to(torch.float64) + float(emax + 1))
+        m = torch.where(finite, m, 1.0)
+    else:
+        # inf -> 2^(emax+2), NaN -> 2^(emax+3): finite float64 values above every float32
+        x = torch.where(x != x, float(2.0 ** (emax + 3)),
+                        x.clamp(-float(2.0 ** (emax + 2)), float(2.0 ** (emax + 2))))
+        a = x.abs()
+        m = a   # scaled per group below
+        # 0 and subnormals: emin
+        e = torch.floor(torch.log2(a)).clamp(emin, emax + 3).to(torch.float32)
+    reverse = (x < 0) != flip
+    h_off = float(emax + 3 - emin + 1)
+    g = e - float(emin)
+    group = torch.where(reverse, (h_off - 1.0) - g, h_off + g)
+    group_bits = 13 if f64 else 10        # bits of 2 * h_off
+
+    pos_f = pos.to(wt)
+    other = 1.0 - pos_f                    # bins: positives first, then the rest
+    want = k                               # Tensor[2] int64: rank of the cut-off still wanted
+    match = pos | neg
+    kept = match & False
+    cut, want, kept, match = _radix_level(group, group_bits, match, kept, want, pos_f, other)
+
+    # the cut-off group's significands: one scale (and direction) per pool
+    cut_rev = cut < h_off
+    cut_e = torch.where(cut_rev, (h_off - 1.0) - cut, cut - h_off) + float(emin)
+    one = float(1 << (p + 1))
+    if f64:
+        low = m * float(1 << p)
+    else:
+        scale = torch.pow(2.0, float(p) - cut_e.to(torch.float64))
+        pos_d = pos.to(torch.float64)
+        low = m * (pos_d * scale[0] + (1.0 - pos_d) * scale[1])   # exact: one term is 0
+        low = low.clamp(0.0, one).to(torch.float32)                 # integers <= 2^24
+    low = torch.where(_pick(cut_rev, pos_f), one - low, low).clamp(0.0, one)
+    low_bits = p + 2
+    n_chunks = (low_bits + 13) // 14
+    width = (low_bits + n_chunks - 1) // n_chunks
+    top = low_bits
+    above: Optional[Tensor] = None        # floor(low / 2^top)
+    while top > 0:
+        shift = max(0, top - width)
+        q = torch.floor(low * (1.0 / float(1 << shift))) if shift > 0 else low
+        d = q if above is None else q - above * float(1 << (top - shift))
+        _, want, kept, match = _radix_level(d, top - shift, match, kept, want, pos_f, other)
+        above = q
+        top = shift
+    # `match`: equal to the cut-off; keep the first `want` of each pool in row-major order
+    pos_ok = _row_major_cumsum((match & pos).to(torch.int64)) <= want[0]
+    neg_ok = _row_major_cumsum((match & neg).to(torch.int64)) <= want[1]
+    return [pos & (kept | (match & pos_ok)), neg & (kept | (match & neg_ok))]
+
+
+def _pick(per_pool: Tensor, pos_f: Tensor) -> Tensor:
+    """Tensor[2] bool -> Tensor[N, M] bool: the positives' entry on positives, else the
+    other's (no ``Where``: it has no bool kernel in ONNX Runtime's CPU provider)."""
+    v = per_pool.to(pos_f.dtype)
+    return (v[1] + pos_f * (v[0] - v[1])) > 0.5
+
+
+def _radix_level(d: Tensor, bits: int, match: Tensor, kept: Tensor, want: Tensor,
+                 pos_f: Tensor, other: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One radix digit: ``d`` Tensor[N, M] float integers in [0, 2^bits).
+
+    Returns the cut-off's digit per pool (Tensor[2], ``d``'s dtype), the rank still wanted
+    among the pairs that also match it, and the updated ``kept`` / ``match`` masks.
+    """
+    size = 1 << bits
+    idx = (d + other * float(size)).to(torch.int64).reshape(-1)
+    hist = torch.zeros(2 * size, dtype=torch.int64, device=d.device)
+    hist = hist.scatter_add(0, idx, match.to(torch.int64).reshape(-1))
+    cum = torch.cumsum(hist.reshape(2, size), 1)
+    before = cum < want.unsqueeze(1)
+    cut = before.to(d.dtype).sum(1)   # float sums: exact here, and fast in ONNX Runtime
+    want = want - torch.where(before, cum, cum * 0).amax(1)
+    here = cut[1] + pos_f * (cut[0] - cut[1])
+    kept = kept | (match & (d < here))
+    match = match & (d == here)
+    return cut, want, kept, match
+
+
+def _row_major_cumsum(x: Tensor) -> Tensor:
+    """``x.reshape(-1).cumsum(0).reshape(x.shape)`` for Tensor[N, M] int64, without a
+    reshape to a symbolic shape."""
+    run = torch.cumsum(x, 1)
+    rows = run[:, -1]
+    return run + (torch.cumsum(rows, 0) - rows).unsqueeze(1)
 
 
 class HDCMiner(PairKernelMiner):
@@ -88,7 +239,7 @@ class HDCMiner(PairKernelMiner):
     def __init__(self, filter_percentage: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.filter_percentage = check_number(filter_percentage, "filter_percentage", 0.0, 1.0)
-        self.layout = [[0, 2, 3], [1, 2, 3]]
+        self.layout = [[0, -1, -2], [1, -1, -2]]
         self.a1 = None
         self.p = None
         self.a2 = None
