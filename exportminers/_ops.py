@@ -181,6 +181,19 @@ def rank_select(values: Tensor, valid: Tensor, k: Tensor, largest: bool) -> Tens
     return (ranks < k) & valid
 
 
+def f64(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim float64 tensor on ``like``'s device, exactly.
+
+    The ONNX exporter stores a Python float that multiplies a float64 tensor as a float32
+    constant (1e-6 becomes 9.99999997e-07 in the graph); a float64 tensor operand keeps
+    the value. Eager arithmetic is unchanged (same dtype, same operation).
+    """
+    if is_exporting():   # torch.full's fill value would be exported as float32 too
+        return torch.tensor(value, dtype=torch.float64, device=like.device)
+    # (TorchScript's torch.tensor(float) rounds through float32; full keeps the double)
+    return torch.full((), value, dtype=torch.float64, device=like.device)
+
+
 def width_of(x: Tensor) -> Tensor:
     """``x.size(1)`` as a 0-dim float64 tensor computed from data (x: Tensor[N >= 1, D]).
 

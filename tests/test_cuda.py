@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.cuda,
                                  reason="ONNX Runtime has no CUDAExecutionProvider here")]
 
 D = onnx_graph_cache.D
-SORTING = {"HDCMiner", "DistanceWeightedMiner", "UniformHistogramMiner"}
+SORTING = {"DistanceWeightedMiner", "UniformHistogramMiner"}
 # What ONNX Runtime may leave on the CPU: integer shape arithmetic (each sorting graph's
 # Shape -> Gather giving TopK its k). Anything else on the CPU moves data: a failure.
 SHAPE_ONLY_OPS = {"Shape", "Gather", "Squeeze", "Unsqueeze", "Concat", "Slice", "Reshape",

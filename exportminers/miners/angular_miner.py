@@ -29,9 +29,9 @@ def angular_terms(anchors: Tensor, refs: Tensor) -> Tuple[List[Tensor], List[Ten
         ``a.r`` [N, M], ``|c|^2`` [N, M], ``|a - p + eps|`` [N, M] in the input dtype,
         ``sum(a)`` [N]) and shared ones (``r.r`` [M, M], ``|r + eps|^2`` [M], ``sum(r)`` [M]).
     """
-    eps = 1e-6
     a = anchors.to(torch.float64)
     r = refs.to(torch.float64)
+    eps = _ops.f64(1e-6, a)   # a float64 tensor: exported exactly (see _ops.f64)
     d = _ops.width_of(a)
     a_sq = (a * a).sum(1)
     r_sq = (r * r).sum(1)
@@ -174,7 +174,7 @@ def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Ten
     Returns:
         Tensor[b, P, M] bool.
     """
-    eps = 1e-6
+    eps = _ops.f64(1e-6, g)
     # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
     nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h_pn \
         - eps * (a_sum.view(-1, 1, 1) + p_sum)
