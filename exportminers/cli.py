@@ -272,7 +272,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="self-mining graphs that take anchor_index, so OnnxMiner can mine a "
                         "batch in anchor blocks (miners with independent anchor rows; others "
                         "are skipped)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, where every node has an ONNX Runtime CUDA kernel)")
     p.add_argument("--embedding-dim", type=int, default=None, metavar="D",
                    help="fix the embedding width (default: dynamic)")
     p.add_argument("--compact", action="store_true",

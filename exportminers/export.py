@@ -52,6 +52,12 @@ _EXAMPLE_N, _EXAMPLE_M, _EXAMPLE_D = 9, 14, 6
 _PROBES = ((1009, 2003), (1013, 2011))
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 _EXPORTER = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
+# Opset 18: ONNX Runtime's CUDA EP matches an open-ended kernel ("13+") only to nodes of
+# exactly that version, and its OperatorKernels.md (early 2026) registers no CUDA kernel
+# for Equal-19 or ReduceMax/ReduceMin-20 (onnxruntime issue #27729), which opset 20
+# graphs use: those nodes would fall back to the CPU. At 18 every node of every
+# exported graph has a CUDA kernel (tests/test_cuda_kernel_coverage.py).
+DEFAULT_OPSET = 18
 
 
 # ---------------------------------------------------------------------------- wrappers
@@ -424,7 +430,8 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
             from ``embeddings``, positives/negatives from ``ref_emb``); otherwise
             self-mining with self-pairs excluded.
         dtype: ``torch.float32`` or ``torch.float16`` embeddings.
-        opset: ONNX opset (default: the exporter's).
+        opset: ONNX opset (default :data:`DEFAULT_OPSET`, 18: every node then has an ONNX
+            Runtime CUDA kernel).
         compact: append the decoding (``NonZero`` + gathers) so the graph returns index
             tuples of data-dependent length instead of fixed-shape tensors.
         anchor_blocks: self-mining in anchor blocks (miners whose anchor rows are
@@ -559,8 +566,7 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                                      anchors=anchors))
         graph = _graph_module(miner, with_ref, noisy, compact, anchors)
         kwargs: Dict[str, Any] = {}
-        if opset is not None:
-            kwargs["opset_version"] = opset
+        kwargs["opset_version"] = DEFAULT_OPSET if opset is None else opset
         try:
             with _quiet_exporter(), torch.no_grad():
                 program = torch.onnx.export(

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2   # 2: opset 18 (every node has an ONNX Runtime CUDA kernel)
 PACKAGE_GRAPH_DIR = Path(__file__).resolve().parent / "graphs"
 KINDS = ("neg", "pos", "both")
 METRIC_KINDS = ("dot", "l2")
@@ -206,6 +206,11 @@ def _output_names(spec: GraphSpec) -> List[str]:
 INPUT_NAMES = ["q", "q_label", "q_id", "m", "m_label", "m_id", "m_bias", "neg_lo", "neg_hi"]
 
 
+# ONNX Runtime's CUDA EP has no Equal-19 / ReduceMax-20 kernels in some releases; the
+# exportminers.export.DEFAULT_OPSET note says why 18.
+GRAPH_OPSET = 18
+
+
 def export_graph(spec: GraphSpec, path) -> Path:
     """Export the block graph for ``spec`` to ``path`` (needs torch and onnxscript)."""
     import warnings
@@ -232,7 +237,7 @@ def export_graph(spec: GraphSpec, path) -> Path:
         prog = torch.onnx.export(
             _make_module(spec), args, input_names=INPUT_NAMES,
             output_names=_output_names(spec), dynamic_shapes=dyn, dynamo=True,
-            optimize=True, verbose=False, report=False,
+            optimize=True, verbose=False, report=False, opset_version=GRAPH_OPSET,
         )
     model = prog.model_proto
     _lift_k_inputs(model, spec)
