@@ -135,9 +135,11 @@ def _aten_sort_stable(self, stable=None, dim: int = -1, descending: bool = False
     """``aten.sort.stable`` (``torch.argsort(..., stable=True)``) as ONNX ``TopK``.
 
     torch's ONNX function library has no lowering for the stable overload. ``TopK`` with
-    ``sorted=1`` over the whole axis is a stable sort: the ONNX spec breaks ties by the
-    lower index for ``largest`` 0 and 1 alike. ``K`` is read from the input's shape (one
-    ``Shape -> Gather`` pair).
+    ``sorted=1`` over the whole axis sorts; the ONNX spec breaks ties by the lower index,
+    and ONNX Runtime's CPU kernel does, but its CUDA kernel does not for rows of 257 to
+    4,096 elements, so kernels that export a sort make its keys unique (or, like
+    ``_ops._merge_searchsorted``, tie-proof): tests/test_tie_order.py. ``K`` is read from
+    the input's shape (one ``Shape -> Gather`` pair).
     """
     from onnxscript import opset18 as op
     k = op.Gather(op.Shape(self), op.Constant(value_ints=[dim]))
