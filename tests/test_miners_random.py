@@ -352,3 +352,22 @@ def test_max_loss_picks_a_maximum_loss_subset():
     lm = [_pml_loss_of(x, y, many(x, y), False) for _ in range(200)]
     assert np.mean(lm) > np.mean(l1)
     assert np.median(lm) >= np.percentile(l1, 70)
+
+
+def test_nth_true_column_brute_force():
+    """DistanceWeightedMiner's positive draw: the r-th True column of each row, found by
+    inverting the running count (no search, no sort), equals a brute-force lookup."""
+    import importlib
+    dw = importlib.import_module("exportminers.miners.distance_weighted_miner")
+    g = torch.Generator().manual_seed(11)
+    for _ in range(200):
+        n, m = torch.randint(1, 20, (2,), generator=g).tolist()
+        mask = torch.rand(n, m, generator=g) < torch.rand(1, generator=g)
+        count = mask.sum(1)
+        r = (torch.rand(n, 7, generator=g) * count.unsqueeze(1)).floor().long()
+        r = torch.minimum(r, (count - 1).clamp(min=0).unsqueeze(1))
+        got = dw.nth_true_column(mask, r)
+        for i in range(n):
+            cols = torch.nonzero(mask[i]).flatten()
+            if len(cols):
+                assert torch.equal(got[i], cols[r[i]])

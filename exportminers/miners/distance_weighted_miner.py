@@ -57,6 +57,29 @@ def sample_from_rows(weights: Tensor, u: Tensor) -> Tensor:
     return torch.minimum(idx, last)
 
 
+def nth_true_column(mask: Tensor, r: Tensor) -> Tensor:
+    """Column of the ``r``-th (0-based) True entry of each row, without a search or sort.
+
+    Each True entry's rank in its row is its running count - 1; scattering column indices
+    to their ranks inverts that, and ``r`` is looked up there. False entries are written
+    to the last slot, which no rank below the row's count ever reads (the count is then
+    under M, so ranks stop at M - 2).
+
+    Args:
+        mask: Tensor[N, M] bool; r: Tensor[N, K] int64, each below its row's count of
+            True entries (other values give an arbitrary column).
+
+    Returns:
+        Tensor[N, K] int64.
+    """
+    cum = torch.cumsum(mask.to(torch.int64), dim=1)
+    last_col = _ops.ones_int_like(mask[0]).sum() - 1     # M - 1 from data: no Shape node
+    cols = _ops.index_like(mask.transpose(0, 1), 0).unsqueeze(0) + _ops.zeros_int_like(cum)
+    rank = torch.where(mask, cum - 1, last_col)
+    inverse = _ops.zeros_int_like(cum).scatter(1, rank, cols)
+    return inverse.gather(1, r)
+
+
 def distance_weighted_miner(mat: Tensor, labels: Tensor, ref_labels: Tensor, is_self: bool,
                             dim: Tensor, cutoff: float, nonzero_loss_cutoff: float,
                             noise: Tensor) -> List[Tensor]:
@@ -92,9 +115,7 @@ def distance_weighted_miner(mat: Tensor, labels: Tensor, ref_labels: Tensor, is_
     # positive: the r-th candidate, r uniform in [0, n_cand)
     r = torch.floor(noise[0] * n_cand.unsqueeze(1).to(torch.float64)).to(torch.int64)
     r = torch.minimum(r, (n_cand - 1).clamp(min=0).unsqueeze(1))
-    cum = torch.cumsum(candidates.to(torch.int64), dim=1)
-    last_col = _ops.ones_int_like(mat[0]).sum() - 1   # M - 1 from data: no Shape node
-    positive = torch.minimum(_ops.searchsorted_rows(cum, r + 1, False), last_col)
+    positive = nth_true_column(candidates, r)
     negative = sample_from_rows(weights, noise[1])
     return [valid, positive, negative]
 
