@@ -51,15 +51,11 @@ def hdc_miner(mat: Tensor, pos: Tensor, neg: Tensor, filter_percentage: float,
     flip = neg if is_inverted else pos
     # float64 sums: exact, and ONNX Runtime sums floats much faster than int64
     counts = torch.stack([pos.to(torch.float64).sum(), neg.to(torch.float64).sum()])
+    # as PML: ceil(f * size) in float64; f as a float64 tensor, or the exported graph
+    # would hold float32(f) (290 * float32(0.3) = 87.0000035 -> 88, not 87): _ops.f64
+    k = torch.ceil(counts * _ops.f64(filter_percentage, counts)).to(torch.int64)
     if _ops.is_exporting():
-        # as PML: ceil(f * size) in float64. A Python-float multiplier would reach the
-        # ONNX graph as a float32 constant (290 * float32(0.3) = 87.0000035 -> 88, not
-        # 87); a float64 tensor stays exact. (TorchScript's torch.tensor(float) goes
-        # through float32 instead, hence two spellings.)
-        f = torch.tensor(filter_percentage, dtype=torch.float64, device=counts.device)
-        k = torch.ceil(counts * f).to(torch.int64)
         return _radix_select(mat, pos, neg, flip, k)
-    k = torch.ceil(counts * filter_percentage).to(torch.int64)
     return _kth_select(mat, pos, neg, flip, k, is_inverted)
 
 
