@@ -45,7 +45,6 @@ pytestmark = [pytest.mark.cuda,
                                  reason="ONNX Runtime has no CUDAExecutionProvider here")]
 
 D = onnx_graph_cache.D
-SORTING = {"DistanceWeightedMiner", "UniformHistogramMiner"}
 # What ONNX Runtime may leave on the CPU: integer shape arithmetic (each sorting graph's
 # Shape -> Gather giving TopK its k). Anything else on the CPU moves data: a failure.
 SHAPE_ONLY_OPS = {"Shape", "Gather", "Squeeze", "Unsqueeze", "Concat", "Slice", "Reshape",
@@ -116,7 +115,7 @@ def test_graph_on_cuda(name, cfg, mode, dtype):
     row["strict"] = "yes" if sess is not None else "no"
     assert "CUDAExecutionProvider" in placed, placed
     assert set(cpu) <= SHAPE_ONLY_OPS, f"data nodes on the CPU: {cpu}"
-    if name not in SORTING:
+    if not export.SHAPE_OPS.intersection(export.op_types(path)):  # (test_export_onnx pins which)
         assert not cpu, f"a shape-free graph left nodes on the CPU: {cpu}"
         assert sess is not None, f"strict CUDA session refused: {why}"
 
