@@ -60,6 +60,16 @@ def _int_labels(labels: np.ndarray, name: str):
     raise ValueError(f"{name} must be an integer array, got dtype {labels.dtype}")
 
 
+def _column(values, what: str, rows: int, kinds: str) -> np.ndarray:
+    """A 1-D per-row array (labels or ids) of ``rows`` entries and a dtype kind in ``kinds``."""
+    values = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if values.ndim != 1 or len(values) != rows:
+        raise ValueError(f"{what} must be 1-D with {rows} entries, got shape {values.shape}")
+    if values.dtype.kind not in kinds:
+        raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
+    return values
+
+
 class ArraySource(Source):
     """Embeddings / labels / ids as numpy arrays (memory-mapped ones stay on disk)."""
 
@@ -76,19 +86,9 @@ class ArraySource(Source):
             raise ValueError(f"{name} must be 2-D (rows, dim), got shape {emb.shape}")
         if emb.dtype.kind != "f":
             raise ValueError(f"{name} must be floating point, got dtype {emb.dtype}")
-        labels = np.asarray(labels) if not isinstance(labels, np.ndarray) else labels
-        if labels.ndim != 1 or len(labels) != len(emb):
-            raise ValueError(f"labels for {name} must be 1-D with {len(emb)} entries, got "
-                             f"shape {labels.shape}")
-        if labels.dtype.kind not in "iuf":
-            raise ValueError(f"labels for {name} must be integers, got dtype {labels.dtype}")
-        if ids is not None:
-            ids = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
-            if ids.ndim != 1 or len(ids) != len(emb):
-                raise ValueError(f"ids for {name} must be 1-D with {len(emb)} entries, got "
-                                 f"shape {ids.shape}")
-            if ids.dtype.kind not in "iu":
-                raise ValueError(f"ids for {name} must be integers, got dtype {ids.dtype}")
+        # labels may be float (integer-valued, NaN for missing: checked per block)
+        labels = _column(labels, f"labels for {name}", len(emb), "iuf")
+        ids = None if ids is None else _column(ids, f"ids for {name}", len(emb), "iu")
         self.emb, self.labels, self.ids = emb, labels, ids
         self.n, self.dim = int(emb.shape[0]), int(emb.shape[1])
         self.has_ids = ids is not None
