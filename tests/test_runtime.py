@@ -70,6 +70,30 @@ def test_decode_np_matches_torch_decode(shape, layout):
         assert _same(got, [w.numpy() for w in want])
 
 
+@pytest.mark.parametrize("shape", [(5,), (4, 6), (3, 4, 5), (1, 3, 1)])
+def test_decode_np_reads_every_broadcast_pattern(shape):
+    """A field with any subset of size-1 axes is read as if broadcast to the mask
+    (brute force: ``np.broadcast_to(field, mask.shape)[mask]``)."""
+    rng = np.random.default_rng(len(shape))
+    for density in (0.0, 0.4, 1.0):
+        mask = rng.random(shape) < density
+        for bits in range(2 ** len(shape)):
+            fshape = tuple(1 if bits >> k & 1 else s for k, s in enumerate(shape))
+            field = rng.integers(-9, 1000, fshape).astype(np.int32)
+            layout = [[0, 1] + [-(k + 1) for k in range(len(shape))]]
+            got = decode_np.decode([mask, field], layout)
+            want = [np.broadcast_to(field, shape)[mask]] + list(np.nonzero(mask))
+            assert all(g.dtype == np.int64 for g in got)
+            assert _same(got, want), fshape
+
+
+def test_decode_np_shape_mismatch_and_0d_mask():
+    with pytest.raises(ValueError, match="broadcast"):
+        decode_np.decode([np.ones((2, 3), bool), np.ones((2, 2), np.int64)], [[0, 1]])
+    with pytest.raises(ValueError, match="axis"):
+        decode_np.decode([np.ones((), bool)], [[0]])
+
+
 def test_decode_np_rank_mismatch():
     with pytest.raises(ValueError, match="rank"):
         decode_np.decode([np.ones((2, 2), bool), np.ones(2, np.int64)], [[0, 1]])

@@ -17,40 +17,34 @@ from typing import List, Sequence
 import numpy as np
 
 
-def _flat_true(mask: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(mask).astype(np.int64, copy=False)
+def _read(src: np.ndarray, coords: Sequence[np.ndarray], mask_shape: Sequence[int], n: int) -> np.ndarray:
+    """``src`` (broadcastable to the mask) read at the mask's True positions."""
+    if src.ndim != len(mask_shape):
+        raise ValueError("decode: field rank does not match its mask")
+    keep = [k for k in range(src.ndim) if src.shape[k] != 1]  # size-1 axes broadcast
+    if any(src.shape[k] != mask_shape[k] for k in keep):
+        raise ValueError(f"decode: a field of shape {list(src.shape)} does not broadcast to "
+                         f"its mask's shape {list(mask_shape)}")
+    if not keep:
+        return np.full(n, src.reshape(()), dtype=np.int64)
+    if len(keep) < src.ndim:
+        src = src.reshape([src.shape[k] for k in keep])
+    return src[tuple(coords[k] for k in keep)].astype(np.int64, copy=False)
 
 
 def decode_part(mask: np.ndarray, outputs: Sequence[np.ndarray], fields: Sequence[int]) -> List[np.ndarray]:
     """Decode one part; see the module docstring."""
     mask = np.asarray(mask)
-    flat = _flat_true(mask)
-    shape = mask.shape
-    ndim = len(shape)
-    strides = [1] * ndim
-    for k in range(ndim - 2, -1, -1):
-        strides[k] = strides[k + 1] * shape[k + 1]
-    coords: List[np.ndarray] = []
-    for k in range(ndim):
-        if flat.size == 0:
-            coords.append(flat.copy())
-        else:
-            coords.append((flat // strides[k]) % shape[k])
+    if mask.ndim == 0:
+        raise ValueError("decode: a part's mask must have at least one axis")
+    coords = [c.astype(np.int64, copy=False) for c in np.nonzero(mask)]  # row-major order
+    n = coords[0].shape[0]
     result: List[np.ndarray] = []
     for f in fields:
         if f < 0:
             result.append(coords[-f - 1])
         else:
-            src = np.asarray(outputs[f])
-            if src.ndim != ndim:
-                raise ValueError("decode: field rank does not match its mask")
-            lin = np.zeros_like(flat)
-            step = 1
-            for k in range(ndim - 1, -1, -1):
-                if src.shape[k] != 1:
-                    lin = lin + coords[k] * step
-                step = step * src.shape[k]
-            result.append(np.ascontiguousarray(src).reshape(-1)[lin].astype(np.int64))
+            result.append(_read(np.asarray(outputs[f]), coords, mask.shape, n))
     return result
 
 

@@ -410,14 +410,14 @@ class OnnxMiner:
 
         Returns:
             (the value to bind: a torch tensor cast/contiguous, a DLPack object or a numpy
-            array; its shape; its original dtype name)
+            array; its shape; its original dtype, as a name or a numpy dtype)
         """
         import onnxruntime as ort
         if x is None:
             return None, None, ""
         if _is_host(x):
             arr = checks_np._as_array(x, name)
-            shape, kind, dtype_name = list(arr.shape), checks_np.dtype_kind(arr.dtype), str(arr.dtype)
+            shape, kind, dtype_name = list(arr.shape), checks_np.dtype_kind(arr.dtype), arr.dtype
         elif _is_torch(x):
             import torch
             shape = list(x.shape)
