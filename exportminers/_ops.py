@@ -200,3 +200,29 @@ def width_of(x: Tensor) -> Tensor:
     A Python number here would make ``torch.export`` specialise the embedding width.
     """
     return ones_int_like(x[0]).sum().to(torch.float64)
+
+
+def next_float(t: Tensor, up: bool) -> Tensor:
+    """``torch.nextafter(t, +inf if up else -inf)``.
+
+    Eagerly this is ``torch.nextafter`` (any float dtype). When exporting, ``t`` must be
+    float32 and ``>= 0``, ``+inf`` or ``-inf`` (where it gives ``-inf`` both ways, not
+    ``-FLT_MAX`` upwards). ONNX has no ``nextafter`` (nor a bitcast), so
+    the exported graph steps in float64 and rounds back: for a finite ``t >= 0`` with ulp
+    ``u``, ``t * (2^-24 + 2^-40)`` lies strictly between ``u / 2`` and ``u * (1 + 2^-16)``
+    (``u / 4`` to ``u / 2`` below a power of two, where the spacing halves), so
+    ``t +- that`` rounds to the neighbouring float32; below ``2^-125`` the step is the
+    fixed subnormal spacing ``2^-149``. ``+inf`` is clamped to ``2^128`` first, so it steps
+    down to ``FLT_MAX`` and up to ``inf``. The float64 product's rounding error
+    (``2^-53`` relative) is far below the ``2^-16 u`` margins. A test compares the two
+    over every float32 exponent, subnormals, ``0``, ``FLT_MAX`` and ``inf``.
+    """
+    if not is_exporting():
+        return torch.nextafter(t, torch.full_like(t, float("inf") if up else float("-inf")))
+    if t.dtype != torch.float32:
+        raise ValueError(f"next_float: the exported variant is for float32, got {t.dtype}")
+    # 2^128: one ulp of FLT_MAX above it; 2^-24 + 2^-40: just over half an ulp, relative;
+    # 2^-149: the smallest subnormal, the spacing of float32 below 2^-125
+    wide = torch.minimum(t.to(torch.float64), f64(2.0 ** 128, t))
+    step = torch.maximum(wide * f64(2.0 ** -24 + 2.0 ** -40, t), f64(2.0 ** -149, t))
+    return (wide + step if up else wide - step).to(torch.float32)

@@ -67,15 +67,14 @@ def margin_thresholds(ap: Tensor, margin: float) -> Tensor:
     and the answer lies within two or three representable steps of ``t0``; four
     ``nextafter`` steps each way find it. (Near zero, where floats are denser than at
     ``margin``, no fixed number of steps would do; callers use subtraction there.)
-    +-inf map to themselves.
+    +-inf map to themselves. Exported graphs (float32 only) step with
+    :func:`~exportminers._ops.next_float`'s float64 emulation of ``nextafter``.
     """
     t = ap + margin
-    inf = torch.full_like(t, float("inf"))
     for _ in range(4):
-        down = torch.nextafter(t, -inf)
-        t = torch.where((t - ap) > margin, down, t)
+        t = torch.where((t - ap) > margin, _ops.next_float(t, False), t)
     for _ in range(4):
-        up = torch.nextafter(t, inf)
+        up = _ops.next_float(t, True)
         t = torch.where((up - ap) <= margin, up, t)
     return t
 
@@ -97,6 +96,17 @@ def _select_into(out: Tensor, ap: Tensor, an: Tensor, thr: Tensor, kind: int) ->
         torch.gt(an, thr, out=out)
 
 
+def _select(ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> Tensor:
+    """:func:`_select_into` returning a new tensor (the exported graph has no ``out=``)."""
+    if kind == 0:
+        return an <= thr
+    if kind == 1:
+        return an <= torch.minimum(thr, ap)
+    if kind == 2:
+        return (an <= thr) & (an > ap)
+    return an > thr
+
+
 def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, kind: int,
                          is_inverted: bool, nonnegative: bool = False) -> Tensor:
     """Fixed-shape TripletMarginMiner kernel: :func:`triplet_margin_candidates` with every
@@ -114,12 +124,12 @@ def triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: float, k
     Returns:
         Tensor[N, M(positive), M(negative)] bool: the selected triplets.
 
-    For non-negative distances and a non-negative margin (eager/TorchScript, float32/64)
-    no per-triplet float is computed: the margin test becomes one comparison of the
-    anchor-negative value with an exact per-pair threshold (:func:`margin_thresholds`),
-    written straight into the mask. Otherwise (similarities, negative margins, half
-    precision, and the exported graph, as ONNX has no ``nextafter``) the margins are
-    computed in row blocks and compared; both give PML's result exactly. The miner's
+    For non-negative distances and a non-negative margin (eager/TorchScript in float32/64,
+    exported graphs in float32) no per-triplet float is computed: the margin test becomes
+    one comparison of the anchor-negative value with an exact per-pair threshold
+    (:func:`margin_thresholds`), written straight into the mask. Otherwise (similarities,
+    negative margins, half precision, float64 graphs) the margins are computed (in row
+    blocks, eagerly) and compared; both give PML's result exactly. The miner's
     forward decodes anchor blocks, so the whole mask never exists at once.
     """
     return triplet_margin_candidates(mat, pos, mat, neg, margin, kind, is_inverted, nonnegative)
@@ -140,11 +150,17 @@ def triplet_margin_candidates(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg
     """
     n, p, m = ap_vals.size(0), ap_vals.size(1), an_vals.size(1)
     ap, an = masked_pair_values(ap_vals, pos, an_vals, neg, kind, is_inverted)
+    by_threshold = nonnegative and not is_inverted and margin >= 0
     if _ops.is_exporting():
+        if by_threshold and an_vals.dtype == torch.float32:
+            # thresholds on [N, P]: ONNX Runtime's CPU kernels loop element by element
+            # over a trailing axis of size 1 (30x slower on [N, P, 1])
+            thr = margin_thresholds(ap.squeeze(2), margin).unsqueeze(2)
+            return _select(ap, an, thr, kind)
         return triplet_condition(triplet_margins(ap, an, is_inverted), margin, kind)
     out = torch.empty((n, p, m), dtype=torch.bool, device=an_vals.device)
     half = an_vals.dtype == torch.float16 or an_vals.dtype == torch.bfloat16
-    if nonnegative and not is_inverted and margin >= 0 and not half:
+    if by_threshold and not half:
         _select_into(out, ap, an, margin_thresholds(ap, margin), kind)
         return out
     # rows per block: a block's float margins stay within max(N*M, 2^22) elements
