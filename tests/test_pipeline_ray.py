@@ -1,12 +1,16 @@
 """The mining pipeline on Ray (``engine="ray"``): the same rows as the local engine with
-the bank split into shards, through a failing batch and a killed actor; the local
-engine never imports ray; a clear error where ray is missing."""
+the bank split into shards, through a failing batch and a killed actor; a run killed
+part-way resumes from its finished parts; the local engine never imports ray; a clear
+error where ray is missing."""
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from exportminers.pipeline import mine  # noqa: E402
 from exportminers.pipeline.cli import main  # noqa: E402
-from exportminers.pipeline.ray_engine import FAULT_ENV, PARTS_DIR  # noqa: E402
+from exportminers.pipeline.ray_engine import (FAULT_ENV, PARTS_DIR, query_ranges,  # noqa: E402
+                                              reusable_parts, write_part)
 
 # Ray's own deprecation notices (its DataContext defaults) are not ours to fix here
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -126,6 +131,7 @@ def test_sharded_bank_equals_local_engine(ray_local, tmp_path, name):
     assert eng["bank_shards"] == shards and sum(eng["actors_per_shard"]) == actors
     assert len(eng["bank_shard_rows"]) == shards and eng["batches"] > 1
     assert eng["duplicate_rows_dropped"] == 0
+    assert eng["resumed_queries"] == 0 and eng["queries_run_now"] == len(data["queries"])
     _assert_same(local, remote, len(data["queries"]))
     rows = pq.read_table(remote.output).to_pylist()
     if name == "hardest":
@@ -230,3 +236,190 @@ def test_local_engine_never_imports_ray_and_missing_ray_is_a_clear_error(tmp_pat
     assert r.returncode == 0, r.stdout + r.stderr
     assert "LOCAL WITHOUT RAY OK" in r.stdout and "CLEAR ERROR OK" in r.stdout
     assert "pip install 'exportminers[ray]'" in r.stderr
+
+
+# --------------------------------------------------------------------------- resume
+
+KILLED_RUN = textwrap.dedent("""
+    import json, logging, sys
+    import ray
+    from exportminers.pipeline import mine
+    a = json.loads(sys.argv[1])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 ** 2,
+             log_to_driver=False, logging_level=logging.WARNING)
+    mine(a["x"], a["y"], out_dir=a["out"], engine="ray", num_actors=1, **a["kw"])
+""")
+
+
+def _save_self_data(tmp_path):
+    """``_self_data`` as ``.npy`` files: a killed subprocess and its rerun must see the
+    same inputs (the run's state fingerprint names them)."""
+    data = _self_data()
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(x, data["queries"])
+    np.save(y, data["labels"])
+    return {"queries": str(x), "labels": str(y)}
+
+
+def _session_pids(sid):
+    """Live (not zombie) processes of session ``sid``, from /proc."""
+    pids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        state, _, _, session = stat[stat.rindex(")") + 2:].split()[:4]
+        if int(session) == sid and state != "Z":
+            pids.append(int(d))
+    return pids
+
+
+def _kill_session(sid):
+    """SIGKILL a run's driver and the Ray instance it started (one session: its worker
+    processes have their own process groups) and wait until none of them is left."""
+    deadline = time.time() + 30
+    while pids := _session_pids(sid):
+        assert time.time() < deadline, f"processes {pids} survive SIGKILL"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _kill_part_way(tmp_path, data, out, cfg, stall_query):
+    """Run ``mine(engine="ray")`` in a subprocess with its own small Ray instance; the
+    part writer of the batch holding ``stall_query`` stalls (``FAULT_ENV`` ``hang``), so
+    the run cannot finish; once another batch's part is written, SIGKILL the whole run.
+    Returns the number of queries in the finished part files."""
+    marker, log = tmp_path / "stalled", tmp_path / "killed-run.log"
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **{FAULT_ENV: f"hang:{stall_query}:{marker}"})
+    env.pop("RAY_ADDRESS", None)
+    kw = {"block_size": BLOCKS, "shard_size": 14, "progress": False, "plot": False,
+          "formats": ["triplets", "pairs"], "device": "cpu", **cfg}
+    arg = json.dumps({"x": data["queries"], "y": data["labels"], "out": str(out), "kw": kw})
+    parts = out / PARTS_DIR
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-c", KILLED_RUN, arg], env=env, stdout=f,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (marker.is_file() and any(parts.glob("*.parquet"))):
+            assert p.poll() is None, f"the run ended ({p.returncode}):\n{log.read_text()}"
+            assert time.time() < deadline, f"no part written in time:\n{log.read_text()}"
+            time.sleep(0.1)
+    finally:
+        _kill_session(p.pid)
+        p.wait()
+    assert not (out / "mined.parquet").exists()
+    return sum(pq.read_metadata(f).num_rows for f in parts.glob("*.parquet"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the run's processes "
+                    "in /proc")
+@pytest.mark.parametrize("cfg", [
+    dict(k=3, metric="dot", num_positives=2),  # one pass
+    dict(k=2, metric="l2", strategy="semihard", margin=1.1),  # two passes: positives first
+], ids=["one_pass", "two_passes"])
+def test_run_killed_part_way_resumes_from_its_finished_parts(ray_local, tmp_path, cfg):
+    """SIGKILL a Ray run (driver and Ray instance) part-way; the rerun mines only the
+    queries of the missing parts (in both passes) and equals an uninterrupted run."""
+    data = _save_self_data(tmp_path)
+    local = _mine(data, tmp_path / "local", **cfg)
+    out = tmp_path / "ray"
+    done = _kill_part_way(tmp_path, data, out, cfg, stall_query=30)
+    assert 0 < done <= 60 - 14  # the stalled batch (queries 28..41) is never written
+    rerun = _mine(data, out, engine="ray", **cfg)
+    eng = rerun.summary["engine"]
+    assert eng["resumed_queries"] == done and eng["queries_run_now"] == 60 - done
+    assert 1 <= eng["batches"] < 5  # a fresh run has 5 batches of 14
+    assert eng["duplicate_rows_dropped"] == 0
+    _assert_same(local, rerun, 60)
+
+
+def test_rerun_reuses_complete_parts_and_a_changed_configuration_discards_them(
+        ray_local, tmp_path):
+    """All queries in finished parts: the rerun does not start Ray. Another configuration
+    refuses the folder, or (overwrite=True) discards the parts and mines everything."""
+    data = _save_self_data(tmp_path)
+    cfg_a, cfg_b = dict(k=3, metric="dot", num_positives=2), dict(k=2, metric="dot",
+                                                                   min_score=-1.5)
+    local_a, local_b = _mine(data, tmp_path / "la", **cfg_a), _mine(data, tmp_path / "lb", **cfg_b)
+    out = tmp_path / "ray"
+    first = _mine(data, out, engine="ray", **cfg_a)
+    rows = pq.read_table(first.output)
+    (out / PARTS_DIR).mkdir()  # removed at the end of a run
+    write_part(rows.slice(0, 31), out / PARTS_DIR)  # as if killed during the assembly
+    write_part(rows.slice(31), out / PARTS_DIR)
+    again = _mine(data, out, engine="ray", **cfg_a)
+    eng = again.summary["engine"]
+    assert (eng["resumed_queries"], eng["queries_run_now"], eng["batches"]) == (60, 0, 0)
+    assert eng["cluster"] == {}  # Ray was not needed
+    assert again.summary["timing"]["queries_per_second"] is None
+    _assert_same(local_a, again, 60)
+
+    (out / PARTS_DIR).mkdir()
+    old = write_part(rows, out / PARTS_DIR)
+    with pytest.raises(ValueError, match="holds results of a different run"):
+        _mine(data, out, engine="ray", **cfg_b)
+    assert old.is_file()  # refused: nothing discarded
+    other = _mine(data, out, engine="ray", overwrite=True, **cfg_b)
+    eng = other.summary["engine"]
+    assert eng["resumed_queries"] == 0 and eng["queries_run_now"] == 60
+    _assert_same(local_b, other, 60)
+
+
+def test_rerun_skips_tmp_leftovers_and_mines_a_truncated_part_again(ray_local, tmp_path):
+    data = _save_self_data(tmp_path)
+    cfg = dict(k=3, metric="dot", num_positives=2)
+    local = _mine(data, tmp_path / "local", **cfg)
+    out = tmp_path / "ray"
+    rows = pq.read_table(_mine(data, out, engine="ray", **cfg).output)
+    parts = out / PARTS_DIR
+    parts.mkdir()  # removed at the end of a run
+    write_part(rows.slice(0, 20), parts)
+    bad = write_part(rows.slice(20, 20), parts)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])  # a damaged file
+    (parts / (bad.name + ".1234abcd.tmp")).write_bytes(b"PAR1 partial")  # a killed write
+    write_part(rows.slice(45), parts)
+    with pytest.warns(RuntimeWarning, match=f"deleting part file .*{bad.name}, damaged"):
+        rerun = _mine(data, out, engine="ray", **cfg)
+    eng = rerun.summary["engine"]
+    assert eng["resumed_queries"] == 35 and eng["queries_run_now"] == 25
+    assert eng["batches"] == 3  # 20..27, 28..41, 42..44: cut at the batches of 14
+    _assert_same(local, rerun, 60)
+
+
+def test_reusable_parts_and_query_ranges(tmp_path):
+    """The resume bookkeeping without Ray: which queries complete parts hold (damaged or
+    foreign parts and ``*.tmp`` leftovers deleted), and the ranges left to mine."""
+    def table(qi, k=2):
+        return pa.table({"query_index": pa.array(qi, pa.int64()),
+                         "neg_ids": pa.array([[1] * k] * len(qi), pa.list_(pa.int64()))})
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    schema = table([]).schema
+    good = write_part(table([0, 1, 2, 7]), parts)
+    assert write_part(table([2, 7, 1, 0]), parts) == good  # same queries: same name
+    other = write_part(table([0, 1, 2, 8]), parts)  # a different set never shares it
+    assert other != good
+    foreign = write_part(table([3, 4]).rename_columns(["query_index", "pos_ids"]), parts)
+    outside = write_part(table([9, 10]), parts)
+    cut = write_part(table(list(range(12, 15))), parts)
+    cut.write_bytes(cut.read_bytes()[:-9])
+    tmp = parts / "q-0.parquet.abc.tmp"
+    tmp.write_bytes(b"partial")
+    with pytest.warns(RuntimeWarning) as w:
+        done = reusable_parts(parts, 10, schema)
+    assert np.flatnonzero(done).tolist() == [0, 1, 2, 7, 8]
+    messages = [str(m.message) for m in w]
+    assert len(messages) == 3, messages
+    for f, why in ((foreign, "schema"), (outside, "outside 0..9"), (cut, "")):
+        assert any(f"part file {f}," in m and why in m for m in messages), (f, messages)
+    assert sorted(parts.iterdir()) == sorted([good, other])
+    assert query_ranges(np.flatnonzero(~done), 4) == [(3, 4), (4, 7), (9, 10)]
+    assert query_ranges(np.arange(10), 4) == [(0, 4), (4, 8), (8, 10)]
+    assert query_ranges(np.array([], np.int64), 4) == []

@@ -28,25 +28,36 @@ Ray Data:
   query checked exactly once), then negatives with each query's band.
 - A final task applies the local engine's selection
   (:func:`~exportminers.pipeline.engine.select_window`) and table builder
-  (:func:`~exportminers.pipeline.output.shard_table`); ``Dataset.write_parquet``
-  writes the rows; the driver checks that every query is there exactly once and joins
-  the parts into ``mined.parquet`` in query order, then writes the flat files,
-  ``summary.json`` and the plot with the local engine's code.
+  (:func:`~exportminers.pipeline.output.shard_table`) and writes the batch's rows as
+  one part file in ``out_dir/_ray_parts`` (under a temporary name, renamed when
+  complete; named after the batch's set of ``query_index`` values); only row counts
+  come back to the driver. The driver checks that every query is there exactly once
+  and joins the parts into ``mined.parquet`` in query order, then writes the flat
+  files, ``summary.json`` and the plot with the local engine's code.
 
 Failures: actors are restarted (``max_restarts``) and their tasks retried
 (``max_task_retries``), exceptions raised by a batch are retried in place
 (``DataContext.retried_map_errors`` / ``max_map_retries``), read and write tasks are
 retried (``max_retries``). Every step is deterministic and keyed by query index, so a
 retried batch produces the same rows, and the final assembly keeps one row per query.
+
+Resume: a run that dies (driver or cluster killed) leaves its finished part files. A
+rerun with the same state fingerprint (configuration, inputs, dtype: the local
+engine's guard) keeps them, deletes ``*.tmp`` leftovers and damaged parts (with a
+warning), and mines only the missing queries: its ranges are the missing indices'
+contiguous runs, cut at the batches, and a two-pass configuration runs both passes on
+those ranges only. When nothing is missing, Ray is not started at all.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -64,7 +75,7 @@ from .mine import (MineResult, _parse_block, check_formats, finish_outputs, grap
                    open_inputs, prepare_out_dir, resolve_dtype, run_state)
 from .sources import RowBlock, Source, open_source
 
-FAULT_ENV = "EXPORTMINERS_RAY_FAULT"  # test hook: "raise|exit:QUERY_INDEX:MARKER_FILE"
+FAULT_ENV = "EXPORTMINERS_RAY_FAULT"  # test hook: "raise|exit|hang:QUERY_INDEX:MARKER_FILE"
 PARTS_DIR = "_ray_parts"
 TASK_CPUS = 0.1  # read / finalize tasks: light numpy and I/O work
 
@@ -158,6 +169,30 @@ def _merge_with_ids(c_run, i_run, d_run, c_new, i_new, d_new, k: int, largest: b
             np.take_along_axis(d, order, 1))
 
 
+def _inject_fault(fault: Optional[str], rows: np.ndarray, modes: Sequence[str]) -> None:
+    """Test hook (``FAULT_ENV`` = ``MODE:QUERY_INDEX:MARKER_FILE``), once per marker file,
+    for the batch holding that query: ``raise`` fails it and ``exit`` kills its actor (in
+    the shard actors); ``hang`` stalls it before its part file is written (in the part
+    writer: a run to kill part-way). ``modes``: the ones this call site handles."""
+    if not fault:
+        return
+    mode, qi, marker = fault.split(":", 2)
+    if mode not in modes or int(qi) not in rows:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # failed once already
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    if mode == "exit":
+        os._exit(1)  # the actor dies mid-task
+    if mode == "hang":
+        while True:  # until the run is killed
+            time.sleep(60)
+    raise RuntimeError(f"injected failure for query {qi} ({FAULT_ENV})")
+
+
 class _ShardWorker:
     """Actor: one ONNX Runtime session and one bank shard (prepared once); merges the
     shard's candidates into every batch's running lists."""
@@ -189,24 +224,9 @@ class _ShardWorker:
                                              offset + a, block_m, metric, self.dtype, same_id))
         del data
 
-    def _maybe_fail(self, rows: np.ndarray) -> None:
-        mode, qi, marker = self.fault.split(":", 2)
-        if int(qi) not in rows:
-            return
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return  # failed once already
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        if mode == "exit":
-            os._exit(1)  # the actor dies mid-task
-        raise RuntimeError(f"injected failure for query {qi} ({FAULT_ENV})")
-
     def __call__(self, batch: dict) -> dict:
         rows = batch["query_index"]
-        if self.fault:
-            self._maybe_fail(rows)
+        _inject_fault(self.fault, rows, ("raise", "exit"))
         n = len(rows)
         valid = batch["finite"] & batch["label_ok"]
         qblocks = []
@@ -235,9 +255,40 @@ class _ShardWorker:
         return out
 
 
-def _finalize(batch, *, cfg: dict, easy: bool):
-    """Task: the local engine's selection and per-query table for a batch."""
-    cfg = MineConfig(**cfg)
+def _finalize(batch, *, cfg: dict, easy: bool, parts_dir: str, fault: Optional[str] = None):
+    """Task: the local engine's selection and per-query table for a batch, written as one
+    part file (:func:`write_part`); returns only the number of rows written."""
+    rows = batch["query_index"]
+    _inject_fault(fault, rows, ("hang",))
+    if len(rows):
+        write_part(_batch_table(batch, MineConfig(**cfg), easy), Path(parts_dir))
+    return {"rows": np.array([len(rows)], np.int64)}
+
+
+def part_path(parts_dir: Path, query_index: np.ndarray) -> Path:
+    """A part file's name, from the set of queries it holds (Ray Data may split or merge
+    batches, so it is keyed by ``query_index``, not by input range): a retried batch gets
+    its first attempt's name, two different sets of queries never share one."""
+    qi = np.unique(np.asarray(query_index, dtype=np.int64))
+    digest = hashlib.blake2b(qi.tobytes(), digest_size=6).hexdigest()
+    return parts_dir / f"q{qi[0]:010d}-{qi[-1]:010d}-{digest}.parquet"
+
+
+def write_part(table, parts_dir: Path) -> Path:
+    """Write one batch's rows (at least one) under a temporary name unique to this
+    attempt and rename it when complete: after a kill, a ``*.parquet`` part is whole or
+    absent."""
+    import pyarrow.parquet as pq
+
+    final = part_path(parts_dir, table.column("query_index").to_numpy())
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _batch_table(batch, cfg: MineConfig, easy: bool):
+    """The local engine's selection and per-query table for a batch."""
     rows = batch["query_index"]
     n = len(rows)
     ranks, count = select_window(cfg, batch["neg_c"], rows)
@@ -348,7 +399,7 @@ def assemble_parts(parts_dir: Path, out: Path, n: int, schema) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(parts_dir.rglob("*.parquet"))
+    files = sorted(parts_dir.glob("*.parquet"))
     seen = np.zeros(n, np.int64)
     infos = []
     for f in files:
@@ -386,6 +437,126 @@ def assemble_parts(parts_dir: Path, out: Path, n: int, schema) -> int:
     return dups
 
 
+def reusable_parts(parts_dir: Path, n: int, schema) -> np.ndarray:
+    """Which of the ``n`` queries the part files in ``parts_dir`` already hold (a bool
+    mask): the complete parts of an earlier run with the same state fingerprint.
+    ``*.tmp`` leftovers of a killed run are deleted; so is a part that cannot be read in
+    full or is not this run's (schema, query range), with a RuntimeWarning: its queries
+    are mined again."""
+    import pyarrow as pa
+
+    for tmp in parts_dir.glob("*.tmp"):
+        tmp.unlink()
+    done = np.zeros(n, bool)
+    for f in sorted(parts_dir.glob("*.parquet")):
+        try:
+            done[_part_query_index(f, n, schema)] = True
+        except (OSError, ValueError, pa.ArrowException) as e:
+            warnings.warn(f"ray engine: deleting part file {f}, damaged or not this run's "
+                          f"({e}); its queries are mined again", RuntimeWarning, stacklevel=3)
+            f.unlink()
+    return done
+
+
+def _part_query_index(f: Path, n: int, schema) -> np.ndarray:
+    """The ``query_index`` column of the part file ``f``, read in full (a damaged page
+    fails here, not in the final assembly); ValueError if it is not this run's."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f)
+    if not t.schema.equals(schema):
+        raise ValueError(f"schema {t.schema.names} differs from this run's")
+    qi = t.column("query_index").to_numpy()
+    if len(qi) and (qi.min() < 0 or qi.max() >= n):
+        raise ValueError(f"query_index values outside 0..{n - 1}")
+    return qi
+
+
+def query_ranges(todo: np.ndarray, batch_rows: int) -> List[Tuple[int, int]]:
+    """Row ranges ``[start, stop)`` covering the query indices ``todo`` (sorted, unique):
+    its contiguous runs, cut at multiples of ``batch_rows`` (so that a fresh run's
+    ranges are its batches and a resumed run's are pieces of them)."""
+    todo = np.asarray(todo, dtype=np.int64)
+    if not len(todo):
+        return []
+    cut = np.flatnonzero((np.diff(todo) != 1) | (todo[1:] % batch_rows == 0)) + 1
+    starts, stops = np.concatenate([[0], cut]), np.concatenate([cut, [len(todo)]])
+    return [(int(todo[a]), int(todo[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def _gather_positives(ds, todo: np.ndarray, n: int, k_pos: int, kinds: Sequence[str]) -> dict:
+    """Run pass 1 and gather its positive lists on the driver, indexed by query; every
+    query of ``todo`` (the ones this run mines) must be there exactly once, else
+    RuntimeError."""
+    sizes = {"hpos": (k_pos, np.inf), "epos": (1, -np.inf)}
+    got = {}
+    for kind in kinds:
+        k, fill = sizes[kind]
+        got.update({kind + "_c": np.full((n, k), fill, F32),
+                    kind + "_i": np.full((n, k), IDX_MAX, np.int64),
+                    kind + "_id": np.zeros((n, k), np.int64)})
+    ds = ds.select_columns(["query_index"] + list(got)).materialize()  # small; ends the pass
+    seen = np.zeros(n, np.int64)
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        qi = b["query_index"]
+        np.add.at(seen, qi, 1)
+        for name, arr in got.items():
+            arr[qi] = b[name]
+    lost = todo[seen[todo] == 0]
+    if len(lost):
+        raise RuntimeError(f"ray engine: the positive pass lost {len(lost)} of the {len(todo)} "
+                           f"queries it ran (query_index {lost[:10].tolist()})")
+    return got
+
+
+@contextlib.contextmanager
+def _ray_session(ray, ray_address: Optional[str], progress: bool):
+    """The Ray instance of one run: the one this process already runs, else
+    ``ray_address`` / ``RAY_ADDRESS``, else a new local one (shut down at the end)."""
+    if ray.is_initialized():
+        if ray_address is not None:
+            warnings.warn(f"Ray is already initialized in this process; ray_address="
+                          f"{ray_address!r} is ignored", RuntimeWarning, stacklevel=4)
+        yield
+        return
+    init = dict(address=ray_address, logging_level=logging.INFO if progress else logging.WARNING,
+                log_to_driver=bool(progress))
+    if ray_address is None and not os.environ.get("RAY_ADDRESS"):
+        init["include_dashboard"] = False
+    ray.init(**init)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _default_actor_cpus(cluster: dict, num_actors: int) -> float:
+    """1 CPU per actor, less when the cluster has fewer than 1.25 CPUs per actor."""
+    cpus = float(cluster.get("CPU", 0))
+    if cpus >= 1.25 * num_actors or cpus == 0:
+        return 1.0
+    return math.floor(80 * cpus / num_actors) / 100
+
+
+def _warn_if_cluster_too_small(cluster: dict, num_actors: int, num_cpus_per_actor: float,
+                               num_gpus_per_actor: float) -> None:
+    """RuntimeWarning when the actors cannot all start (the run would wait for the
+    cluster to grow)."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if cpus and num_actors * num_cpus_per_actor + TASK_CPUS > cpus + 1e-9:
+        warnings.warn(
+            f"{num_actors} actor(s) x {num_cpus_per_actor} CPU + {TASK_CPUS} CPU for the "
+            f"read / write tasks is more than the cluster's {cpus:g} CPUs: the run waits "
+            "until the cluster grows (it hangs on a fixed cluster); lower "
+            "num_cpus_per_actor or num_actors", RuntimeWarning, stacklevel=3)
+    if num_gpus_per_actor and num_actors * num_gpus_per_actor > gpus + 1e-9:
+        warnings.warn(
+            f"{num_actors} actor(s) x {num_gpus_per_actor} GPU is more than the cluster's "
+            f"{gpus:g} GPUs: the run waits until the cluster grows (it hangs on a fixed "
+            "cluster); lower num_gpus_per_actor (fractions share a GPU) or num_actors",
+            RuntimeWarning, stacklevel=3)
+
+
 def _bank_shards(n_rows: int, block_m: int, shards: int) -> List[Tuple[int, int]]:
     """Contiguous bank row ranges cut at block boundaries (same blocks as the local
     engine, so the same GEMM shapes and bit-identical scores)."""
@@ -410,7 +581,9 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
              **config_kwargs) -> MineResult:
     """:func:`exportminers.pipeline.mine` on a Ray cluster (``mine(..., engine="ray")``
     calls this). Same inputs, configuration and outputs; the results equal the local
-    engine's.
+    engine's. Resumable: a rerun with the same configuration and inputs mines only the
+    queries missing from the finished part files of a killed run (``out_dir`` must be
+    writable at the same path on every node: the workers write the parts).
 
     Args (beyond :func:`~exportminers.pipeline.mine`'s):
         ray_address: cluster to connect to (``"auto"``, ``"ray://head:10001"``, ...).
@@ -478,130 +651,93 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         batch_size = min(16 * bq_eff, per_actor)
     batch_size = _check_positive_int("batch_size (shard_size)", batch_size)
     batch_rows = -(-batch_size // bq_eff) * bq_eff
-    ranges = [(s, min(qsrc.n, s + batch_rows)) for s in range(0, qsrc.n, batch_rows)]
     specs = graph_specs(cfg, dtype)
     easy = specs[0].easy
+    schema = _expected_schema(cfg, easy, kc, k_pos)
 
-    # ---- output folder (no partial resume: a rerun recomputes)
+    # ---- output folder: the parts of an earlier run with the same state are kept (resume)
     out_dir = Path(out_dir)
     parts_dir = out_dir / PARTS_DIR
     state = run_state(cfg, dtype, inp)
     state["engine"] = "ray"
     prepare_out_dir(out_dir, state, overwrite, parts_dir)
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    todo = np.flatnonzero(~reusable_parts(parts_dir, qsrc.n, schema))
+    ranges = query_ranges(todo, batch_rows)
+    resumed = qsrc.n - len(todo)
+    if progress and resumed:
+        print(f"exportminers: resuming in {out_dir}: {resumed:,} of {qsrc.n:,} queries were "
+              f"mined by an earlier run; {len(todo):,} left to mine", file=sys.stderr)
     fault = os.environ.get(FAULT_ENV) or None
 
-    # ---- Ray
-    started = False
-    if ray.is_initialized() and ray_address is not None:
-        warnings.warn(f"Ray is already initialized in this process; ray_address={ray_address!r} "
-                      "is ignored", RuntimeWarning, stacklevel=2)
-    if not ray.is_initialized():
-        init = dict(address=ray_address, logging_level=logging.INFO if progress else logging.WARNING,
-                    log_to_driver=bool(progress))
-        if ray_address is None and not os.environ.get("RAY_ADDRESS"):
-            init["include_dashboard"] = False
-        ray.init(**init)
-        started = True
-    try:
-        cluster = ray.cluster_resources()
-        cpus = float(cluster.get("CPU", 0))
-        if num_cpus_per_actor is None:
-            num_cpus_per_actor = 1.0 if cpus >= 1.25 * num_actors or cpus == 0 else \
-                math.floor(80 * cpus / num_actors) / 100
-        gpus = float(cluster.get("GPU", 0))
-        if cpus and num_actors * num_cpus_per_actor + TASK_CPUS > cpus + 1e-9:
-            warnings.warn(
-                f"{num_actors} actor(s) x {num_cpus_per_actor} CPU + {TASK_CPUS} CPU for the "
-                f"read / write tasks is more than the cluster's {cpus:g} CPUs: the run waits "
-                "until the cluster grows (it hangs on a fixed cluster); lower "
-                "num_cpus_per_actor or num_actors", RuntimeWarning, stacklevel=2)
-        if num_gpus_per_actor and num_actors * num_gpus_per_actor > gpus + 1e-9:
-            warnings.warn(
-                f"{num_actors} actor(s) x {num_gpus_per_actor} GPU is more than the cluster's "
-                f"{gpus:g} GPUs: the run waits until the cluster grows (it hangs on a fixed "
-                "cluster); lower num_gpus_per_actor (fractions share a GPU) or num_actors",
-                RuntimeWarning, stacklevel=2)
-        if threads is None and actor_device == "cpu":
-            threads = max(1, int(num_cpus_per_actor))
-        shard_refs = []
-        for s0, s1 in shard_rows:  # one shard in driver memory at a time
-            blk = bsrc.read(s0, s1)
-            shard_refs.append(ray.put({"emb": blk.emb, "labels": blk.labels,
-                                       "label_ok": blk.label_ok, "ids": blk.ids,
-                                       "valid": bscan.valid[s0:s1]}))
-            del blk
-        qspec = _side_spec(ray, queries, labels, ids, "queries", cols)
-        worker_kw = dict(block_q=bq_eff, block_m=bm_eff, metric=cfg.metric, dtype=dtype,
-                         same_id=inp.same_id, kc=kc, k_pos=k_pos, device=actor_device,
-                         threads=threads, fault=fault)
-        actor_res = dict(num_cpus=num_cpus_per_actor)
-        if num_gpus_per_actor:
-            actor_res["num_gpus"] = num_gpus_per_actor
-        # bounded fault tolerance (Ray Data's defaults retry system failures forever)
-        actor_remote = dict(max_restarts=max_retries, max_task_retries=max_retries)
-        task_remote = dict(max_retries=max_retries)
+    # ---- Ray (not started when every query is done already)
+    cluster, written, mine_seconds = {}, 0, 0.0
+    if len(todo):
+        with _ray_session(ray, ray_address, progress):
+            cluster = ray.cluster_resources()
+            if num_cpus_per_actor is None:
+                num_cpus_per_actor = _default_actor_cpus(cluster, num_actors)
+            _warn_if_cluster_too_small(cluster, num_actors, num_cpus_per_actor,
+                                       num_gpus_per_actor)
+            if threads is None and actor_device == "cpu":
+                threads = max(1, int(num_cpus_per_actor))
+            shard_refs = []
+            for s0, s1 in shard_rows:  # one shard in driver memory at a time
+                blk = bsrc.read(s0, s1)
+                shard_refs.append(ray.put({"emb": blk.emb, "labels": blk.labels,
+                                           "label_ok": blk.label_ok, "ids": blk.ids,
+                                           "valid": bscan.valid[s0:s1]}))
+                del blk
+            qspec = _side_spec(ray, queries, labels, ids, "queries", cols)
+            worker_kw = dict(block_q=bq_eff, block_m=bm_eff, metric=cfg.metric, dtype=dtype,
+                             same_id=inp.same_id, kc=kc, k_pos=k_pos, device=actor_device,
+                             threads=threads, fault=fault)
+            actor_res = dict(num_cpus=num_cpus_per_actor)
+            if num_gpus_per_actor:
+                actor_res["num_gpus"] = num_gpus_per_actor
+            # bounded fault tolerance (Ray Data's defaults retry system failures forever)
+            actor_remote = dict(max_restarts=max_retries, max_task_retries=max_retries)
+            task_remote = dict(max_retries=max_retries)
 
-        def pipeline(spec: GraphSpec, kinds, positives=None):
-            items = [{"start": a, "stop": b} for a, b in ranges]
-            nb = ("override_num_blocks" if "override_num_blocks" in
-                  inspect.signature(ray.data.from_items).parameters else "parallelism")
-            ds = ray.data.from_items(items, **{nb: len(ranges)})
-            ds = _map_batches(
-                ds, _read_queries, task_remote, batch_size=1, batch_format="numpy",
-                fn_kwargs=dict(spec=qspec, cfg=cfg.to_json(), kinds=kinds, kc=kc, k_pos=k_pos,
-                               positives=positives), num_cpus=TASK_CPUS)
-            graph = dict(kind=spec.kind, metric=spec.metric, band=spec.band, easy=spec.easy,
-                         dtype=spec.dtype)
-            for s, (s0, _) in enumerate(shard_rows):
+            def pipeline(spec: GraphSpec, kinds, positives=None):
+                items = [{"start": a, "stop": b} for a, b in ranges]
+                nb = ("override_num_blocks" if "override_num_blocks" in
+                      inspect.signature(ray.data.from_items).parameters else "parallelism")
+                ds = ray.data.from_items(items, **{nb: len(ranges)})
                 ds = _map_batches(
-                    ds, _ShardWorker, actor_remote, batch_size=None, batch_format="numpy",
-                    fn_constructor_kwargs=dict(graph=graph, shard=[shard_refs[s]], offset=s0,
-                                               **worker_kw),
-                    compute=ray.data.ActorPoolStrategy(size=replicas[s]), **actor_res)
-            return ds
+                    ds, _read_queries, task_remote, batch_size=1, batch_format="numpy",
+                    fn_kwargs=dict(spec=qspec, cfg=cfg.to_json(), kinds=kinds, kc=kc,
+                                   k_pos=k_pos, positives=positives), num_cpus=TASK_CPUS)
+                graph = dict(kind=spec.kind, metric=spec.metric, band=spec.band,
+                             easy=spec.easy, dtype=spec.dtype)
+                for s, (s0, _) in enumerate(shard_rows):
+                    ds = _map_batches(
+                        ds, _ShardWorker, actor_remote, batch_size=None, batch_format="numpy",
+                        fn_constructor_kwargs=dict(graph=graph, shard=[shard_refs[s]],
+                                                   offset=s0, **worker_kw),
+                        compute=ray.data.ActorPoolStrategy(size=replicas[s]), **actor_res)
+                return ds
 
-        t_mine = time.time()
-        with _data_context(progress, max_retries):
-            positives = None
-            if cfg.needs_positive:  # pass 1: positives over every shard
-                pkinds = ["hpos"] + (["epos"] if easy else [])
-                names = [k + s for k in pkinds for s in ("_c", "_i", "_id")]
-                ds1 = pipeline(specs[0], pkinds).select_columns(["query_index"] + names)
-                got = {"hpos_c": np.full((qsrc.n, k_pos), np.inf, F32),
-                       "hpos_i": np.full((qsrc.n, k_pos), IDX_MAX, np.int64),
-                       "hpos_id": np.zeros((qsrc.n, k_pos), np.int64)}
-                if easy:
-                    got.update(epos_c=np.full((qsrc.n, 1), -np.inf, F32),
-                               epos_i=np.full((qsrc.n, 1), IDX_MAX, np.int64),
-                               epos_id=np.zeros((qsrc.n, 1), np.int64))
-                seen = np.zeros(qsrc.n, np.int64)
-                ds1 = ds1.materialize()  # small; ends the pass (and frees its actors)
-                for b in ds1.iter_batches(batch_size=None, batch_format="numpy"):
-                    qi = b["query_index"]
-                    np.add.at(seen, qi, 1)
-                    for name in names:
-                        got[name][qi] = b[name]
-                if np.any(seen == 0):
-                    miss = np.flatnonzero(seen == 0)
-                    raise RuntimeError(f"ray engine: the positive pass lost {len(miss)} queries "
-                                       f"(query_index {miss[:10].tolist()})")
-                positives = [ray.put(got)]
-                del got, ds1
-                ds = pipeline(specs[1], ["neg"], positives)
-            else:
-                ds = pipeline(specs[0], ["neg", "hpos"] + (["epos"] if easy else []))
-            ds = _map_batches(ds, _finalize, task_remote, batch_size=None, batch_format="numpy",
-                              fn_kwargs=dict(cfg=cfg.to_json(), easy=easy), num_cpus=TASK_CPUS)
-            ds.write_parquet(str(parts_dir))
-        mine_seconds = time.time() - t_mine
-    finally:
-        if started:
-            ray.shutdown()
+            t_mine = time.time()
+            with _data_context(progress, max_retries):
+                if cfg.needs_positive:  # pass 1: positives over every shard
+                    pkinds = ["hpos"] + (["epos"] if easy else [])
+                    got = _gather_positives(pipeline(specs[0], pkinds), todo, qsrc.n, k_pos,
+                                            pkinds)
+                    ds = pipeline(specs[1], ["neg"], [ray.put(got)])
+                    del got
+                else:
+                    ds = pipeline(specs[0], ["neg", "hpos"] + (["epos"] if easy else []))
+                ds = _map_batches(ds, _finalize, task_remote, batch_size=None,
+                                  batch_format="numpy", num_cpus=TASK_CPUS,
+                                  fn_kwargs=dict(cfg=cfg.to_json(), easy=easy, fault=fault,
+                                                 parts_dir=str(parts_dir.resolve())))
+                written = sum(int(b["rows"].sum()) for b in
+                              ds.iter_batches(batch_size=None, batch_format="numpy"))
+            mine_seconds = time.time() - t_mine
 
     # ---- assembly and the local engine's final outputs
     mined = out_dir / "mined.parquet"
-    dups = assemble_parts(parts_dir, mined, qsrc.n, _expected_schema(cfg, easy, kc, k_pos))
+    dups = assemble_parts(parts_dir, mined, qsrc.n, schema)
     shutil.rmtree(parts_dir, ignore_errors=True)
     engine_info = {
         "name": "ray", "device": actor_device, "dtype": dtype, "block_q": bq_eff,
@@ -610,9 +746,10 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         "num_actors": num_actors, "actors_per_shard": replicas,
         "num_gpus_per_actor": num_gpus_per_actor, "num_cpus_per_actor": num_cpus_per_actor,
         "threads_per_actor": threads, "batch_rows": batch_rows, "batches": len(ranges),
+        "resumed_queries": resumed, "queries_run_now": written,
         "cluster": {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")},
         "duplicate_rows_dropped": dups,
     }
-    qps = round(qsrc.n / mine_seconds, 1) if mine_seconds > 0 else None
+    qps = round(written / mine_seconds, 1) if written and mine_seconds > 0 else None
     return finish_outputs(cfg, inp, out_dir, mined, formats, plot, engine_info, t_start,
                           mine_seconds, qps)
