@@ -37,7 +37,9 @@ def decode_part(mask: np.ndarray, outputs: Sequence[np.ndarray], fields: Sequenc
     mask = np.asarray(mask)
     if mask.ndim == 0:
         raise ValueError("decode: a part's mask must have at least one axis")
-    coords = [c.astype(np.int64, copy=False) for c in np.nonzero(mask)]  # row-major order
+    flat = np.flatnonzero(mask)   # row-major order; np.nonzero is ~3x slower past 1-D
+    coords = [flat] if mask.ndim == 1 else list(np.unravel_index(flat, mask.shape))
+    coords = [c.astype(np.int64, copy=False) for c in coords]
     n = coords[0].shape[0]
     result: List[np.ndarray] = []
     for f in fields:
