@@ -147,10 +147,11 @@ class _Thresholds(torch.nn.Module):
         self.margin = margin
 
     def forward(self, ap: torch.Tensor, an: torch.Tensor):
-        from exportminers.miners.triplet_margin_miner import _select
+        from exportminers.miners.triplet_margin_miner import _select, triplet_thresholds
         t = margin_thresholds(ap, self.margin)
         a3, n3 = ap.unsqueeze(2), an.unsqueeze(1)
-        return [t] + [_select(a3, n3, t.unsqueeze(2), kind) for kind in range(4)]
+        return [t] + [_select(a3, n3, triplet_thresholds(ap, self.margin, kind).unsqueeze(2), kind)
+                      for kind in range(4)]
 
 
 @pytest.mark.parametrize("margin", [0.2, 0.0, 0.1 + 0.2, 1e6, 2.0 ** -20])
@@ -164,12 +165,14 @@ def test_thresholds_run_exactly_in_onnx_runtime(tmp_path, margin):
     from exportminers.export import _quiet_exporter
     from exportminers.miners.triplet_margin_miner import triplet_condition
     g = torch.Generator().manual_seed(5)
-    ap = torch.cat([_values(torch.float32, g)[:300], torch.tensor([0.0, 1e-45, 3e38])])[:, None]
+    ap = torch.cat([_values(torch.float32, g)[:300],
+                    torch.tensor([0.0, 1e-45, 3e38, float("inf")])])[:, None]
     t = margin_thresholds(ap[:, 0], margin)
     inf = torch.full_like(t, float("inf"))
     near = [t, torch.nextafter(t, inf), torch.nextafter(t, -inf), ap[:, 0],
-            torch.nextafter(ap[:, 0], inf), torch.nextafter(ap[:, 0], -inf)]
-    an = torch.stack(near, dim=1)                                     # [R, 6]
+            torch.nextafter(ap[:, 0], inf), torch.nextafter(ap[:, 0], -inf), inf,
+            torch.full_like(t, 3.4028234663852886e38)]
+    an = torch.stack(near, dim=1)                                     # [R, 8]
     n, m = torch.export.Dim("n"), torch.export.Dim("m")
     path = str(tmp_path / "thr.onnx")
     with _quiet_exporter(), torch.no_grad():
@@ -180,9 +183,33 @@ def test_thresholds_run_exactly_in_onnx_runtime(tmp_path, margin):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"ap": ap.numpy(), "an": an.numpy()})
     assert np.array_equal(got[0], t[:, None].numpy())
-    tm = an[:, None, :] - ap[:, :, None]                             # [R, 1, 6]
+    tm = an[:, None, :] - ap[:, :, None]                             # [R, 1, 8]
     for kind in range(4):
         assert np.array_equal(got[1 + kind], triplet_condition(tm, margin, kind).numpy()), kind
+
+
+@pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
+def test_overflowed_distances_give_pml_triplets(kind):
+    """Embeddings near 1e19 without normalisation overflow some float32 distances to
+    inf; the threshold test must still select exactly PML's triplets (a +inf threshold
+    once also accepted masked-out negatives, e.g. (0, 1, 0))."""
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+    from exportminers import distances, miners
+    g = torch.Generator().manual_seed(2)
+    for scale in (1.7e38, 1e19, 3e18):
+        x = torch.randn(24, 4, generator=g)
+        x[0] *= scale
+        x[1] *= 1e19
+        x[7] *= scale
+        y = torch.arange(24) // 4
+        want = pml_miners.TripletMarginMiner(
+            margin=0.2, type_of_triplets=kind,
+            distance=pml_distances.LpDistance(normalize_embeddings=False))(x, y)
+        got = miners.TripletMarginMiner(
+            margin=0.2, type_of_triplets=kind,
+            distance=distances.LpDistance(normalize_embeddings=False))(x, y)
+        assert sorted(zip(*[t.tolist() for t in got])) == sorted(zip(*[t.tolist() for t in want]))
 
 
 class _Next(torch.nn.Module):

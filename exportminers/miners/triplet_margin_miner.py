@@ -79,9 +79,21 @@ def margin_thresholds(ap: Tensor, margin: float) -> Tensor:
     return t
 
 
+def triplet_thresholds(ap: Tensor, margin: float, kind: int) -> Tensor:
+    """:func:`margin_thresholds` for a triplet type. The types that accept
+    ``fl(an - ap) <= margin`` (all, hard, semihard) cap a ``+inf`` threshold (an
+    overflowed ``d(a, p)``) at the largest finite value: ``an <= +inf`` would accept
+    ``an = +inf`` too, an overflowed or masked-out negative, where PML's ``an - ap`` is
+    NaN and fails. ("easy" tests ``an > t``, which ``+inf`` already fails.)"""
+    t = margin_thresholds(ap, margin)
+    if kind != 3:
+        t = torch.where(t == float("inf"), _ops.next_float(t, False), t)
+    return t
+
+
 def _select_into(out: Tensor, ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> None:
     """Write PML's triplet test for distances into ``out`` [b, M, M], comparisons only:
-    ``fl(an - ap) <= margin`` is ``an <= thr`` (:func:`margin_thresholds`), and the sign of
+    ``fl(an - ap) <= margin`` is ``an <= thr`` (:func:`triplet_thresholds`), and the sign of
     ``fl(an - ap)`` is the sign of ``an - ap``. ``ap`` [b, M, 1], ``an`` [b, 1, M],
     ``thr`` [b, M, 1].
     """
@@ -155,13 +167,13 @@ def triplet_margin_candidates(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg
         if by_threshold and an_vals.dtype == torch.float32:
             # thresholds on [N, P]: ONNX Runtime's CPU kernels loop element by element
             # over a trailing axis of size 1 (30x slower on [N, P, 1])
-            thr = margin_thresholds(ap.squeeze(2), margin).unsqueeze(2)
+            thr = triplet_thresholds(ap.squeeze(2), margin, kind).unsqueeze(2)
             return _select(ap, an, thr, kind)
         return triplet_condition(triplet_margins(ap, an, is_inverted), margin, kind)
     out = torch.empty((n, p, m), dtype=torch.bool, device=an_vals.device)
     half = an_vals.dtype == torch.float16 or an_vals.dtype == torch.bfloat16
     if by_threshold and not half:
-        _select_into(out, ap, an, margin_thresholds(ap, margin), kind)
+        _select_into(out, ap, an, triplet_thresholds(ap, margin, kind), kind)
         return out
     # rows per block: a block's float margins stay within max(N*M, 2^22) elements
     per = max(1, max(n * m, 4194304) // max(1, p * m))
