@@ -91,31 +91,20 @@ def triplet_thresholds(ap: Tensor, margin: float, kind: int) -> Tensor:
     return t
 
 
-def _select_into(out: Tensor, ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> None:
-    """Write PML's triplet test for distances into ``out`` [b, M, M], comparisons only:
-    ``fl(an - ap) <= margin`` is ``an <= thr`` (:func:`triplet_thresholds`), and the sign of
-    ``fl(an - ap)`` is the sign of ``an - ap``. ``ap`` [b, M, 1], ``an`` [b, 1, M],
-    ``thr`` [b, M, 1].
+def _select(ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> Tensor:
+    """PML's triplet test for distances, comparisons only: ``fl(an - ap) <= margin`` is
+    ``an <= thr`` (:func:`triplet_thresholds`), and the sign of ``fl(an - ap)`` is the
+    sign of ``an - ap``. ``ap`` [b, M, 1], ``an`` [b, 1, M], ``thr`` [b, M, 1]; returns
+    [b, M, M] bool (semihard holds one more cube while it runs, no float cube).
     """
     if kind == 0:
-        torch.le(an, thr, out=out)
-    elif kind == 1:    # and an - ap <= 0, i.e. an <= ap
-        torch.le(an, torch.minimum(thr, ap), out=out)
-    elif kind == 2:    # and an > ap
-        torch.le(an, thr, out=out)
-        out.bitwise_and_(an > ap)
-    else:
-        torch.gt(an, thr, out=out)
-
-
-def _select(ap: Tensor, an: Tensor, thr: Tensor, kind: int) -> Tensor:
-    """:func:`_select_into` returning a new tensor (the exported graph has no ``out=``)."""
-    if kind == 0:
         return an <= thr
-    if kind == 1:
+    if kind == 1:      # and an - ap <= 0, i.e. an <= ap
         return an <= torch.minimum(thr, ap)
-    if kind == 2:
-        return (an <= thr) & (an > ap)
+    if kind == 2:      # and an > ap
+        out = an <= thr
+        out.bitwise_and_(an > ap)
+        return out
     return an > thr
 
 
@@ -162,19 +151,19 @@ def triplet_margin_candidates(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg
     """
     n, p, m = ap_vals.size(0), ap_vals.size(1), an_vals.size(1)
     ap, an = masked_pair_values(ap_vals, pos, an_vals, neg, kind, is_inverted)
-    by_threshold = nonnegative and not is_inverted and margin >= 0
-    if _ops.is_exporting():
-        if by_threshold and an_vals.dtype == torch.float32:
-            # thresholds on [N, P]: ONNX Runtime's CPU kernels loop element by element
-            # over a trailing axis of size 1 (30x slower on [N, P, 1])
-            thr = triplet_thresholds(ap.squeeze(2), margin, kind).unsqueeze(2)
-            return _select(ap, an, thr, kind)
+    exporting = _ops.is_exporting()
+    # the threshold needs nextafter: eagerly any float32/64; exported, float32 only
+    # (emulated, see _ops.next_float)
+    exact_dtype = an_vals.dtype == torch.float32 or (
+        not exporting and an_vals.dtype == torch.float64)
+    if nonnegative and not is_inverted and margin >= 0 and exact_dtype:
+        # thresholds on [N, P]: ONNX Runtime's CPU kernels loop element by element over
+        # a trailing axis of size 1 (30x slower on [N, P, 1])
+        thr = triplet_thresholds(ap.squeeze(2), margin, kind).unsqueeze(2)
+        return _select(ap, an, thr, kind)
+    if exporting:
         return triplet_condition(triplet_margins(ap, an, is_inverted), margin, kind)
     out = torch.empty((n, p, m), dtype=torch.bool, device=an_vals.device)
-    half = an_vals.dtype == torch.float16 or an_vals.dtype == torch.bfloat16
-    if by_threshold and not half:
-        _select_into(out, ap, an, triplet_thresholds(ap, margin, kind), kind)
-        return out
     # rows per block: a block's float margins stay within max(N*M, 2^22) elements
     per = max(1, max(n * m, 4194304) // max(1, p * m))
     for s in range(0, n, per):
