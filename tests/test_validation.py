@@ -1,6 +1,7 @@
 """Bad input -> ValueError naming the argument (eager and TorchScript); bad constructor
 configuration -> ValueError; an empty batch -> empty int64 outputs."""
 import math
+import re
 
 import pytest
 import torch
@@ -188,6 +189,31 @@ def test_check_finite_off_skips_the_scan():
     x[0, 0] = math.nan
     m = our_miner_cls("PairMarginMiner")(check_finite=False)
     m(x, y)  # no error: the caller opted out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finiteness_check_is_exact_when_the_sum_overflows_or_cancels(dtype):
+    """The check sums first (a NaN or inf makes the sum non-finite); finite values
+    whose sum overflows must still pass, and mixed +inf / -inf (sum NaN), a lone NaN or
+    a lone inf must still be reported with their rows, eagerly and in TorchScript."""
+    from exportminers.utils.checks import require_finite
+    scripted = torch.jit.script(require_finite)
+    big = torch.finfo(dtype).max
+    ok = torch.full((6, 5), big, dtype=dtype)       # the sum overflows to inf
+    ok[1] = -big                                     # and a row that cancels part of it
+    for check in (require_finite, scripted):
+        check(ok, "embeddings")
+        check(torch.zeros(0, 4, dtype=dtype), "embeddings")
+        for rows, values in (([2], [math.nan]), ([4], [math.inf]), ([0, 3], [math.inf, -math.inf]),
+                             ([5], [-math.inf])):
+            bad = ok.clone()
+            for r, v in zip(rows, values):
+                bad[r, r % 5] = v
+            # (a scripted function raises torch.jit.Error with the same message)
+            err = ValueError if check is require_finite else torch.jit.Error
+            with pytest.raises(err, match=re.escape(
+                    f"embeddings contains NaN or inf values (first bad rows: {rows})")):
+                check(bad, "embeddings")
 
 
 @pytest.mark.parametrize("name,config", registry_params())

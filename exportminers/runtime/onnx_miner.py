@@ -443,11 +443,9 @@ class OnnxMiner:
             target = (torch.float16 if self.dtype == np.float16 else torch.float32) \
                 if want_float else torch.int64
             x = x.detach().to(target).contiguous()
-            if want_float and self.check_finite and x.numel() > 0 \
-                    and not bool(torch.isfinite(x).all()):
-                bad = torch.logical_not(torch.isfinite(x)).any(dim=1)
-                rows = torch.nonzero(bad).flatten()[:5].tolist()
-                raise ValueError(f"{name} contains NaN or inf values (first bad rows: {rows})")
+            if want_float and self.check_finite:
+                from ..utils.checks import require_finite  # the eager miners' check
+                require_finite(x, name)
             return x, shape, dtype_name
         if np.dtype(_ONNX_TO_NP.get(dtype_name, np.void)) != want:
             raise ValueError(f"{name}: a DLPack input must already have dtype {want.name} "
