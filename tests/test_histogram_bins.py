@@ -32,3 +32,94 @@ def test_edges_match_torch_linspace_ends():
     edges = histogram_edges(low, high, 10)
     assert edges[0] == low and edges[-1] == high
     assert torch.allclose(edges, torch.linspace(-0.7, 1.9, 11), atol=1e-6)
+
+
+# ------------------------------------------------- the kernel's draws, exactly
+
+def _brute_force_draws(mat, pos, neg, num_bins, noise_pos, noise_neg):
+    """Each pair's bin by PML's rule (searchsorted over each pool's edges); a draw ``u``
+    from a bin with ``c`` members is its member number ``floor(u * c)`` in row-major
+    order. Returns, per pool, {(bin, draw): (row, column)} for the non-empty bins."""
+    m = mat.size(1)
+    flat = mat.reshape(-1)
+    out = []
+    for pool, u in ((pos.reshape(-1), noise_pos), (neg.reshape(-1), noise_neg)):
+        got = {}
+        if pool.any():
+            vals = flat[pool]
+            edges = histogram_edges(vals.min(), vals.max(), num_bins)
+            bins = torch.searchsorted(edges[1:num_bins].contiguous(), flat, right=True)
+            members = [torch.nonzero(pool & (bins == j)).flatten().tolist()
+                       for j in range(num_bins)]
+            for j, mem in enumerate(members):
+                for k in range(u.size(1)):
+                    if mem:
+                        r = min(int(u[j, k] * len(mem)), len(mem) - 1)
+                        got[(j, k)] = (mem[r] // m, mem[r] % m)
+        out.append(got)
+    return out
+
+
+def _kernel_draws(outputs):
+    out = []
+    for valid, rows, cols in (outputs[:3], outputs[3:]):
+        valid = valid.expand_as(rows)
+        out.append({(j, k): (int(rows[j, k]), int(cols[j, k]))
+                    for j in range(rows.size(0)) for k in range(rows.size(1)) if valid[j, k]})
+    return out
+
+
+@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export-path"])
+def test_kernel_draws_equal_brute_force(monkeypatch, exporting):
+    from exportminers import _ops
+    from exportminers.miners.uniform_histogram_miner import uniform_histogram_miner
+    if exporting:
+        monkeypatch.setattr(_ops, "is_exporting", lambda: True)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(40):
+        n, m = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+        num_bins = int(torch.randint(1, 12, (1,), generator=g))
+        mat = torch.rand(n, m, generator=g)
+        if trial % 2:
+            mat = mat.round(decimals=1)            # ties and values on bin edges
+        labels = torch.randint(0, 4, (n,), generator=g)
+        ref_labels = torch.randint(0, 4, (m,), generator=g)
+        pos = labels[:, None] == ref_labels[None]
+        neg = ~pos
+        if trial % 5 == 0:
+            neg = neg & (torch.rand(n, m, generator=g) < 0.3)  # pairs in neither pool
+        if trial % 7 == 0:
+            pos = torch.zeros_like(pos)                         # an empty pool
+        noise = torch.rand(2, num_bins, 3, generator=g, dtype=torch.float64)
+        got = _kernel_draws(uniform_histogram_miner(
+            mat, pos, neg, num_bins, noise[0], noise[1]))
+        assert got == _brute_force_draws(mat, pos, neg, num_bins, noise[0], noise[1]), trial
+
+
+def test_kernel_key_blocks_do_not_change_keys():
+    from exportminers.miners.uniform_histogram_miner import pair_keys
+    g = torch.Generator().manual_seed(12)
+    mat = torch.rand(37, 23, generator=g)
+    labels = torch.randint(0, 3, (37,), generator=g)
+    ref_labels = torch.randint(0, 3, (23,), generator=g)
+    pos = labels[:, None] == ref_labels[None]
+    whole = pair_keys(mat, pos, ~pos, 7, block_elements=37 * 23)
+    for block in (1, 22, 23, 24, 100):
+        assert torch.equal(pair_keys(mat, pos, ~pos, 7, block_elements=block), whole)
+
+
+def test_draw_chunks_do_not_change_draws():
+    import importlib
+    uh = importlib.import_module("exportminers.miners.uniform_histogram_miner")
+    g = torch.Generator().manual_seed(13)
+    mat = torch.rand(50, 60, generator=g)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    ref_labels = torch.randint(0, 3, (60,), generator=g)
+    pos = labels[:, None] == ref_labels[None]
+    key = uh.pair_keys(mat, pos, ~pos, 9)
+    counts = torch.zeros(50, 19, dtype=torch.int64).scatter_add(1, key, torch.ones_like(key))
+    u = torch.rand(9, 4, generator=g, dtype=torch.float64)
+    whole = uh._sample_bins(key, counts[:, 9:18], 9, u, block_elements=9 * 4 * 60)
+    for block in (1, 60, 239, 240, 241):
+        got = uh._sample_bins(key, counts[:, 9:18], 9, u, block_elements=block)
+        assert all(torch.equal(a, b) for a, b in zip(got, whole)), block

@@ -63,14 +63,17 @@ def test_float_merge_searchsorted_ignores_tie_order_between_entries(random_ties,
         assert torch.equal(_ops._merge_searchsorted(rows, values, right), want)
 
 
-def test_uniform_histogram_kernel_ignores_tie_order(monkeypatch):
+def test_uniform_histogram_export_path_ignores_tie_order(monkeypatch):
+    """The export variant (whole-matrix keys, merge-based searchsorted for the rows of
+    the draws) under random tie order equals the eager kernel on the same noise."""
     g = torch.Generator().manual_seed(3)
-    mat = torch.rand(30, 30, generator=g)
+    mat = torch.rand(30, 30, generator=g).round(decimals=1)   # many equal distances
     labels = torch.randint(0, 4, (30,), generator=g)
     pos = (labels[:, None] == labels[None]) & ~torch.eye(30, dtype=torch.bool)
     neg = labels[:, None] != labels[None]
     noise = torch.rand(2, 8, 5, generator=g, dtype=torch.float64)
     want = uh.uniform_histogram_miner(mat, pos, neg, 8, noise[0], noise[1])
+    monkeypatch.setattr(_ops, "is_exporting", lambda: True)
     monkeypatch.setattr(torch, "argsort", _random_tie_argsort(torch.Generator().manual_seed(4)))
     for _ in range(5):
         got = uh.uniform_histogram_miner(mat, pos, neg, 8, noise[0], noise[1])

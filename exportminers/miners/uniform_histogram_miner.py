@@ -1,5 +1,5 @@
 """UniformHistogramMiner: pairs sampled uniformly across a histogram of their distances."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,44 +40,102 @@ def bin_index(values: Tensor, edges: Tensor, low: Tensor, high: Tensor, num_bins
     return torch.where(step > 0, b, num_bins - 1)
 
 
-def pool_bins(flat: Tensor, pool: Tensor, num_bins: int) -> Tensor:
-    """Histogram bin of every value of a pool (bins span [min, max] of the pool in
-    ``num_bins`` equal steps, closed on the left, open on the right except the last).
-    Entries outside the pool get some bin; callers mask them.
+def pool_ends(values: Tensor, pool: Tensor) -> Tuple[Tensor, Tensor]:
+    """Smallest and largest of ``values`` where ``pool`` holds (+inf / -inf if none)."""
+    low = values.masked_fill(~pool, float("inf")).min()
+    high = values.masked_fill(~pool, float("-inf")).max()
+    return low, high
+
+
+def _keys(values: Tensor, pos: Tensor, neg: Tensor, ends: List[Tensor],
+          num_bins: int) -> Tensor:
+    """:func:`pair_keys` of a block; ``ends``: low, high, edges of each pool."""
+    bin_p = bin_index(values, ends[2], ends[0], ends[1], num_bins)
+    bin_n = bin_index(values, ends[5], ends[3], ends[4], num_bins) + num_bins
+    return torch.where(pos, bin_p, torch.where(neg, bin_n, 2 * num_bins))
+
+
+def pair_keys(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int,
+              block_elements: int = 262144) -> Tensor:
+    """Bin key of every pair: its bin among the positive pairs, ``num_bins`` + its bin
+    among the negative pairs, or ``2 * num_bins`` (neither). Each pool's bins span its
+    [min, max] in ``num_bins`` equal steps, closed on the left, open on the right except
+    the last (PML's rule). Tensor[N, M] int64.
+
+    Eager and TorchScript compute the keys in row blocks of about ``block_elements``:
+    the dozen temporaries of a block stay in cache, where a dozen passes over N x M
+    buffers would not (3-4x faster at N = 4096). An exported graph computes them whole.
+    """
+    low_p, high_p = pool_ends(mat, pos)
+    low_n, high_n = pool_ends(mat, neg)
+    ends = [low_p, high_p, histogram_edges(low_p, high_p, num_bins),
+            low_n, high_n, histogram_edges(low_n, high_n, num_bins)]
+    if _ops.is_exporting():
+        return _keys(mat, pos, neg, ends, num_bins)
+    out = torch.empty(mat.shape, dtype=torch.int64, device=mat.device)
+    rows = max(1, block_elements // max(1, mat.size(1)))
+    for s in range(0, mat.size(0), rows):
+        out[s:s + rows] = _keys(mat[s:s + rows], pos[s:s + rows], neg[s:s + rows],
+                                ends, num_bins)
+    return out
+
+
+def _columns(key: Tensor, row: Tensor, rank: Tensor, bins: Tensor) -> Tensor:
+    """Column of member number ``rank`` of bin ``bins[j]`` in row ``row[j, k]`` of
+    ``key``: the count of columns where fewer than ``rank + 1`` members lie at or
+    before. Tensor[B, K]."""
+    hits = (key[row] == bins.reshape(-1, 1, 1)).to(torch.int32)   # [B, K, M]
+    before = torch.cumsum(hits, 2) <= rank.unsqueeze(2).to(torch.int32)
+    return before.to(torch.int64).sum(2)
+
+
+def _sample_bins(key: Tensor, counts: Tensor, first_bin: int, u: Tensor,
+                 block_elements: int = 4194304) -> List[Tensor]:
+    """``K`` uniform draws (with replacement) from the members of each of ``B`` bins.
+
+    Draw ``u`` of a bin with ``c`` members picks its member number ``floor(u * c)`` in
+    row-major order: the row comes from the running per-row counts (a search over N
+    rows), the column from a running count along that one row. Nothing is sorted; the
+    column search holds ``B * K * M`` elements in an exported graph, and chunks of about
+    ``block_elements`` in eager and TorchScript.
 
     Args:
-        flat: Tensor[L] pair values; pool: Tensor[L] bool.
+        key: Tensor[N, M] from :func:`pair_keys`.
+        counts: Tensor[N, B] members of bins ``first_bin ..`` in each row.
+        u: Tensor[B, K] float64 uniform [0, 1).
+
+    Returns:
+        ``[valid [B, K] bool, row [B, K], column [B, K]]``.
     """
-    low = flat.masked_fill(~pool, float("inf")).min()
-    high = flat.masked_fill(~pool, float("-inf")).max()
-    return bin_index(flat, histogram_edges(low, high, num_bins), low, high, num_bins)
-
-
-def _sample_bins(order: Tensor, counts: Tensor, offsets: Tensor, u: Tensor, last: Tensor,
-                 m: Tensor) -> List[Tensor]:
-    """``K`` uniform draws (with replacement) from each bin's members.
-
-    Members of bin ``j`` are ``order[offsets[j] : offsets[j] + counts[j]]``.
-    Returns ``[valid [B, K] bool, anchor [B, K], other [B, K]]``.
-    """
-    c = counts.unsqueeze(1)
-    r = torch.floor(u * c.to(torch.float64)).to(torch.int64)
-    r = torch.minimum(r, (c - 1).clamp(min=0))
-    pick = order[torch.minimum(offsets.unsqueeze(1) + r, last)]
-    valid = (c > 0) & (pick >= 0)                        # broadcast to [num_bins, K]
-    return [valid, torch.div(pick, m, rounding_mode="floor"), pick % m]
+    per_row = counts.transpose(0, 1)                     # [B, N]
+    ends = torch.cumsum(per_row, 1)                      # members in rows 0..i
+    total = ends[:, -1:]                                 # [B, 1]
+    r = torch.floor(u * total.to(torch.float64)).to(torch.int64)
+    r = torch.minimum(r, (total - 1).clamp(min=0))       # [B, K]
+    last_row = _ops.ones_int_like(per_row[0]).sum() - 1  # N - 1, from data (no Shape)
+    row = torch.minimum(_ops.searchsorted_rows(ends, r, right=True), last_row)
+    rank = r - (torch.gather(ends, 1, row) - torch.gather(per_row, 1, row))
+    bins = _ops.index_like(u, 0) + first_bin             # [B]
+    if _ops.is_exporting():
+        col = _columns(key, row, rank, bins)
+    else:   # bins in chunks of about 2^22 candidate elements
+        col = torch.empty_like(row)
+        per = max(1, block_elements // max(1, row.size(1) * key.size(1)))
+        for s in range(0, row.size(0), per):
+            col[s:s + per] = _columns(key, row[s:s + per], rank[s:s + per], bins[s:s + per])
+    last_col = _ops.ones_int_like(key[0]).sum() - 1      # M - 1
+    return [(total > 0) & (row >= 0), row, torch.minimum(col, last_col)]   # valid: [B, K]
 
 
 def uniform_histogram_miner(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int,
                             noise_pos: Tensor, noise_neg: Tensor) -> List[Tensor]:
     """Fixed-shape UniformHistogramMiner kernel.
 
-    Every pair gets a key: its bin among the positive pairs, ``num_bins`` + its bin among
-    the negative pairs, or ``2 * num_bins`` (neither). One sort by (key, pair index)
-    lays out each bin's members contiguously, in index order; ``K`` members are then
-    drawn uniformly with replacement from each non-empty bin. The sort key is unique
-    (``key * N*M + index``), so the order does not depend on how the sort breaks ties
-    (ONNX Runtime's CUDA TopK does not order ties by index for every length).
+    Every pair gets a bin key (:func:`pair_keys`); one scatter counts each row's members
+    of every bin; ``K`` members are then drawn uniformly with replacement from each
+    non-empty bin (:func:`_sample_bins`), a draw ``u`` picking member ``floor(u * count)``
+    in row-major order. No sort is involved, so the result cannot depend on how a sort
+    orders ties (ONNX Runtime's CUDA TopK does not order them by index).
 
     Args:
         mat: Tensor[N, M]; pos, neg: Tensor[N, M] bool.
@@ -88,21 +146,12 @@ def uniform_histogram_miner(mat: Tensor, pos: Tensor, neg: Tensor, num_bins: int
         ``[valid, a1, p]`` (each Tensor[num_bins, pos_per_bin]) then ``[valid, a2, n]``
         (each Tensor[num_bins, neg_per_bin]).
     """
-    m = _ops.ones_int_like(mat[0]).sum()  # M from data: no Shape node when exported
-    flat = mat.reshape(-1)
-    pos_f = pos.reshape(-1)
-    neg_f = neg.reshape(-1)
-    key = torch.where(pos_f, pool_bins(flat, pos_f, num_bins),
-                      torch.where(neg_f, pool_bins(flat, neg_f, num_bins) + num_bins,
-                                  2 * num_bins))
-    last = _ops.ones_int_like(key).sum() - 1           # N*M - 1, from data (no Shape)
-    counts = torch.zeros(2 * num_bins + 1, dtype=torch.int64, device=mat.device)
-    counts = counts.scatter_add(0, key, _ops.ones_int_like(key))[:2 * num_bins]
-    flat_index = _ops.index_like(key, 0)
-    order = torch.argsort(key * (last + 1) + flat_index, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    return _sample_bins(order, counts[:num_bins], offsets[:num_bins], noise_pos, last, m) + \
-        _sample_bins(order, counts[num_bins:], offsets[num_bins:], noise_neg, last, m)
+    key = pair_keys(mat, pos, neg, num_bins)
+    zeros = torch.zeros(2 * num_bins + 1, dtype=torch.int64, device=mat.device)
+    counts = _ops.zeros_int_like(key[:, 0]).unsqueeze(1) + zeros   # [N, 2B + 1], no Shape
+    counts = counts.scatter_add(1, key, _ops.ones_int_like(key))
+    return _sample_bins(key, counts[:, :num_bins], 0, noise_pos) + \
+        _sample_bins(key, counts[:, num_bins:2 * num_bins], num_bins, noise_neg)
 
 
 class UniformHistogramMiner(PairKernelMiner):
