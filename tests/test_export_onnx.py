@@ -30,10 +30,10 @@ FIRST = [pytest.param(n, id=n) for n in AVAILABLE]
 REF_MINERS = [pytest.param(n, id=n) for n in AVAILABLE if n not in export.SELF_ONLY]
 HALF_MINERS = [n for n in ("TripletMarginMiner", "PairMarginMiner") if n in AVAILABLE]
 # Graphs that must stay free of shape-computing nodes (GPU_FACTS.md: strict CUDA placement).
-# The others sort (DistanceWeighted, UniformHistogram): ONNX has no Sort, so a stable
-# full-length TopK stands in, and its k is the axis length (Shape -> Gather); nothing else.
-# (HDC selects its cut-offs with a radix select instead: no TopK, so it is shape-free.)
-SORTING = {"DistanceWeightedMiner", "UniformHistogramMiner"}
+# The other one sorts (DistanceWeighted): ONNX has no Sort, so a stable full-length TopK
+# stands in, and its k is the axis length (Shape -> Gather); nothing else. (HDC selects
+# its cut-offs with a radix select and UniformHistogram draws by counting: no TopK.)
+SORTING = {"DistanceWeightedMiner"}
 SHAPE_FREE = [n for n in AVAILABLE if n not in SORTING]
 
 @pytest.fixture(scope="session")

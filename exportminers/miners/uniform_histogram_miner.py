@@ -94,10 +94,11 @@ def _sample_bins(key: Tensor, counts: Tensor, first_bin: int, u: Tensor,
     """``K`` uniform draws (with replacement) from the members of each of ``B`` bins.
 
     Draw ``u`` of a bin with ``c`` members picks its member number ``floor(u * c)`` in
-    row-major order: the row comes from the running per-row counts (a search over N
-    rows), the column from a running count along that one row. Nothing is sorted; the
-    column search holds ``B * K * M`` elements in an exported graph, and chunks of about
-    ``block_elements`` in eager and TorchScript.
+    row-major order: the row comes from the running per-row counts (a binary search
+    over N rows; a count over them in an exported graph), the column from a running
+    count along that one row. Nothing is sorted; the column search holds ``B * K * M``
+    elements in an exported graph, and chunks of about ``block_elements`` in eager and
+    TorchScript.
 
     Args:
         key: Tensor[N, M] from :func:`pair_keys`.
@@ -113,7 +114,11 @@ def _sample_bins(key: Tensor, counts: Tensor, first_bin: int, u: Tensor,
     r = torch.floor(u * total.to(torch.float64)).to(torch.int64)
     r = torch.minimum(r, (total - 1).clamp(min=0))       # [B, K]
     last_row = _ops.ones_int_like(per_row[0]).sum() - 1  # N - 1, from data (no Shape)
-    row = torch.minimum(_ops.searchsorted_rows(ends, r, right=True), last_row)
+    if _ops.is_exporting():   # a count over [B, K, N]: no sort, so no shape nodes
+        row = (ends.unsqueeze(1) <= r.unsqueeze(2)).to(torch.int64).sum(2)
+    else:
+        row = torch.searchsorted(ends, r, right=True)
+    row = torch.minimum(row, last_row)
     rank = r - (torch.gather(ends, 1, row) - torch.gather(per_row, 1, row))
     bins = _ops.index_like(u, 0) + first_bin             # [B]
     if _ops.is_exporting():
@@ -171,6 +176,7 @@ class UniformHistogramMiner(PairKernelMiner):
         self.num_bins = check_positive_int(num_bins, "num_bins")
         self.pos_per_bin = check_positive_int(pos_per_bin, "pos_per_bin")
         self.neg_per_bin = check_positive_int(neg_per_bin, "neg_per_bin")
+        self.add_to_recordable_attributes(list_of_names=["pos_per_bin", "neg_per_bin"])
         self.layout = [[0, 1, 2], [3, 4, 5]]
 
     def noise_shape(self, n: int, m: int) -> List[int]:
