@@ -12,6 +12,10 @@ from ..utils.checks import check_number
 from .base_miner import DenseTripletKernelMiner
 
 
+ANGLE_STATS = ["average_angle", "average_angle_above_threshold",
+               "average_angle_below_threshold", "min_angle", "max_angle", "std_of_angle"]
+
+
 def require_normalized_l2(miner_name: str, distance: BaseDistance) -> None:
     """AngularMiner and DistanceWeightedMiner are defined for L2 on the unit sphere."""
     if not (isinstance(distance, LpDistance) and distance.p == 2 and distance.power == 1
@@ -163,26 +167,61 @@ def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle
                          atan_cuts(angle) if cuts is None else cuts)
 
 
-def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Tensor,
-                   ne_sq: Tensor, p_sum: Tensor, angle: float, cuts: List[float]) -> Tensor:
-    """Angle test for a block of anchors and P positive candidates each.
+def _angle_ratio(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Tensor,
+                 ne_sq: Tensor, p_sum: Tensor) -> Tensor:
+    """``|a - p| / (2 |n - c|)`` for a block of anchors and P positive candidates each
+    (input dtype; the angle is its arctangent).
 
     Args:
         g: [b, M] a.r; c_sq, ap: [b, P] per (anchor, positive); a_sum: [b];
         h_pn: [1 or b, P, M] positive . negative; ne_sq: [M]; p_sum: [1 or b, P, 1].
 
     Returns:
-        Tensor[b, P, M] bool.
+        Tensor[b, P, M].
     """
     eps = _ops.f64(1e-6, g)
     # |n - c + eps|^2 = |n + eps|^2 + |c|^2 - ((n + eps) . a + (n + eps) . p)
     nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h_pn \
         - eps * (a_sum.view(-1, 1, 1) + p_sum)
     nc = nc_sq.clamp(min=0.0).sqrt().to(ap.dtype)                  # [b, M(p), M(n)]
-    ratio = ap.unsqueeze(2) / (2 * nc)
+    return ap.unsqueeze(2) / (2 * nc)
+
+
+def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Tensor,
+                   ne_sq: Tensor, p_sum: Tensor, angle: float, cuts: List[float]) -> Tensor:
+    """Angle test for a block of anchors and P positive candidates each (arguments as
+    :func:`_angle_ratio`). Returns Tensor[b, P, M] bool."""
+    ratio = _angle_ratio(g, c_sq, ap, a_sum, h_pn, ne_sq, p_sum)
     if _ops.is_exporting():   # the same test without Atan (no CUDA kernel in ONNX Runtime)
         return ratio > _pick_cut(cuts, ratio.dtype)
     return torch.atan(ratio) > angle
+
+
+def angle_sums(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Tensor,
+               angle: float) -> List[float]:
+    """Sums over every triplet the masks allow of its angle (radians, as the kernel
+    computes it), in anchor blocks: ``[count, sum, sum of squares, min, max,
+    count above angle, sum above angle]`` (float64 accumulation)."""
+    g, c_sq, ap, a_sum = rows[0], rows[1], rows[2], rows[3]
+    h, ne_sq, r_sum = shared[0], shared[1], shared[2]
+    n_rows, m = g.size(0), g.size(1)
+    acc = [0.0, 0.0, 0.0, float("inf"), float("-inf"), 0.0, 0.0]
+    per = max(1, max(n_rows * m, 2097152) // max(1, m * m))
+    for s in range(0, n_rows, per):
+        e = min(n_rows, s + per)
+        t = torch.atan(_angle_ratio(g[s:e], c_sq[s:e], ap[s:e], a_sum[s:e], h.unsqueeze(0),
+                                    ne_sq, r_sum.view(1, -1, 1))).to(torch.float64)
+        mask = lmu.triplet_mask(pos[s:e], neg[s:e])
+        zero = torch.zeros_like(t)
+        above = mask & (t > angle)
+        acc[0] += float(mask.sum())
+        acc[1] += float(torch.where(mask, t, zero).sum())
+        acc[2] += float(torch.where(mask, t * t, zero).sum())
+        acc[3] = min(acc[3], float(t.masked_fill(~mask, float("inf")).min()))
+        acc[4] = max(acc[4], float(t.masked_fill(~mask, float("-inf")).max()))
+        acc[5] += float(above.sum())
+        acc[6] += float(torch.where(above, t, zero).sum())
+    return acc
 
 
 class AngularMiner(DenseTripletKernelMiner):
@@ -197,6 +236,12 @@ class AngularMiner(DenseTripletKernelMiner):
 
     angle: float
     cuts: List[float]
+    average_angle: float
+    average_angle_above_threshold: float
+    average_angle_below_threshold: float
+    min_angle: float
+    max_angle: float
+    std_of_angle: float
 
     def __init__(self, angle: float = 20, **kwargs):
         super().__init__(**kwargs)
@@ -205,6 +250,38 @@ class AngularMiner(DenseTripletKernelMiner):
         self.angle = math.radians(self.angle_degrees)
         self.cuts = atan_cuts(self.angle)   # the exported graph's Atan-free test
         self.layout = [[0, -1, -2, -3]]
+        self.reset_miner_stats()
+        self.add_to_recordable_attributes(name="angle")
+        self.add_to_recordable_attributes(list_of_names=ANGLE_STATS, is_stat=True)
+
+    def reset_miner_stats(self) -> None:
+        self.average_angle = 0.0
+        self.average_angle_above_threshold = 0.0
+        self.average_angle_below_threshold = 0.0
+        self.min_angle = 0.0
+        self.max_angle = 0.0
+        self.std_of_angle = 0.0
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        """PML's, in degrees, over every triplet the labels allow: mean, min, max and
+        standard deviation of the angle, and the means above and below ``angle`` (each
+        set only when it has values)."""
+        rows, shared = angular_terms(embeddings, embeddings if ref_emb is None else ref_emb)
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        c = angle_sums(rows, shared, pos, neg, self.angle)
+        deg = 180.0 / math.pi
+        if c[0] > 0:
+            mean = c[1] / c[0]
+            self.average_angle = mean * deg
+            self.min_angle = c[3] * deg
+            self.max_angle = c[4] * deg
+            var = (c[2] - c[1] * mean) / (c[0] - 1) if c[0] > 1 else float("nan")
+            self.std_of_angle = math.sqrt(max(var, 0.0)) * deg if c[0] > 1 else var
+        if c[5] > 0:
+            self.average_angle_above_threshold = c[6] / c[5] * deg
+        if c[0] - c[5] > 0:
+            self.average_angle_below_threshold = (c[1] - c[6]) / (c[0] - c[5]) * deg
 
     def block_state(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                     ref_labels: Optional[Tensor],

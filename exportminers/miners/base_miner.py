@@ -73,7 +73,9 @@ class BaseMiner(torch.nn.Module):
             embeddings, or the miner's own default).
         normalize_embeddings, use_similarity, squared_distances: the older API's way to
             choose the distance (see :func:`resolve_distance`).
-        collect_stats: accepted for PML compatibility; only the counts are recorded.
+        collect_stats: record PML's per-call statistics (e.g. ``pos_pair_dist``) as
+            attributes after each call and list their names in ``_record_these_stats``
+            (eager and TorchScript; costs an extra pass over the batch).
         check_finite: reject NaN/inf embeddings with a ValueError (one pass over the
             input; turn off to skip it).
     """
@@ -82,6 +84,9 @@ class BaseMiner(torch.nn.Module):
     num_neg_pairs: int
     num_triplets: int
     check_finite: bool
+    collect_stats: bool
+    _record_these: List[str]
+    _record_these_stats: List[str]
 
     def __init__(self, distance: Optional[BaseDistance] = None,
                  normalize_embeddings: Optional[bool] = None, use_similarity: bool = False,
@@ -96,14 +101,46 @@ class BaseMiner(torch.nn.Module):
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
         self.num_triplets = 0
+        self._record_these = []
+        self._record_these_stats = []
+        self.add_to_recordable_attributes(
+            list_of_names=["num_pos_pairs", "num_neg_pairs", "num_triplets"], is_stat=True)
 
     def get_default_distance(self) -> BaseDistance:
         return LpDistance(p=2)
+
+    @torch.jit.unused
+    def add_to_recordable_attributes(self, name: Optional[str] = None,
+                                     list_of_names: Optional[List[str]] = None,
+                                     is_stat: bool = False) -> None:
+        """PML's registry of what a record keeper logs: names go to ``_record_these``
+        (settings) or, only with ``collect_stats``, ``_record_these_stats``; an attribute
+        that does not exist yet starts at 0."""
+        if is_stat and not self.collect_stats:
+            return
+        names = ([] if name is None else [name]) + list(list_of_names or [])
+        target = self._record_these_stats if is_stat else self._record_these
+        for n in names:
+            if n not in target:
+                target.append(n)
+            if not hasattr(self, n):
+                setattr(self, n, 0)
 
     def reset_stats(self) -> None:
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
         self.num_triplets = 0
+        self.reset_miner_stats()
+
+    def reset_miner_stats(self) -> None:
+        """Reset the statistics a built-in miner records (see :meth:`record_stats`)."""
+        pass
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        """With ``collect_stats``: set PML's statistics from a call's inputs and decoded
+        outputs (never exported; built-in miners with statistics override it)."""
+        pass
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         raise NotImplementedError
@@ -126,6 +163,8 @@ class BaseMiner(torch.nn.Module):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """Eager path for custom miners: validate, then ``mine`` with ref set to the batch."""
         self.reset_stats()
+        for n in self._record_these_stats:   # a custom miner's own statistics too, as PML
+            setattr(self, n, 0)
         embeddings, labels, ref_emb, ref_labels = check_inputs(
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         if ref_emb is None:
@@ -213,6 +252,8 @@ class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         with torch.no_grad():
             out = self.mine(embeddings, labels, ref_emb, ref_labels)
+            if self.collect_stats:
+                self.record_stats(embeddings, labels, ref_emb, ref_labels, out)
         self.num_triplets = out[0].numel()
         return out[0], out[1], out[2]
 
@@ -325,6 +366,8 @@ class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         with torch.no_grad():
             out = self.mine(embeddings, labels, ref_emb, ref_labels)
+            if self.collect_stats:
+                self.record_stats(embeddings, labels, ref_emb, ref_labels, out)
         self.num_pos_pairs = out[0].numel()
         self.num_neg_pairs = out[2].numel()
         return out[0], out[1], out[2], out[3]

@@ -1,13 +1,13 @@
 """BatchEasyHardMiner: per anchor, one positive and one negative chosen by strategy."""
 from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from .. import _ops
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_choice
 from .base_miner import PairKernelMiner
+from .stats import EASY_HARD_STATS, EasyHardStats
 
 # strategy codes used by the kernel (TorchScript has no global constants)
 STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2, "all": 3}
@@ -87,7 +87,7 @@ def _check_range(value, name: str) -> Optional[Tuple[float, float]]:
     return (low, high)
 
 
-class BatchEasyHardMiner(PairKernelMiner):
+class BatchEasyHardMiner(EasyHardStats, PairKernelMiner):
     """Per anchor, the positive and negative chosen by ``pos_strategy`` / ``neg_strategy``.
 
     Args:
@@ -131,6 +131,15 @@ class BatchEasyHardMiner(PairKernelMiner):
         pos_part = [0, -1, -2] if self.pos_code == 3 else [0, -1, 1]
         neg_part = [2, -1, -2] if self.neg_code == 3 else [2, -1, 3]
         self.layout = [pos_part, neg_part]
+        self.reset_miner_stats()
+        self.add_to_recordable_attributes(list_of_names=EASY_HARD_STATS, is_stat=True)
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        mat = self.distance(embeddings, ref_emb)
+        self.set_easy_hard_stats(mat[out[0], out[1]], mat[out[2], out[3]],
+                                 self.distance.is_inverted,
+                                 self.pos_code != 3 and self.neg_code != 3)
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                ref_labels: Optional[Tensor], noise: Optional[Tensor],

@@ -6,6 +6,7 @@ from torch import Tensor
 from ..utils import loss_and_miner_utils as lmu
 from .base_miner import TripletKernelMiner
 from .batch_easy_hard_miner import batch_easy_hard_miner
+from .stats import EASY_HARD_STATS, EasyHardStats
 
 
 def batch_hard_miner(mat: Tensor, pos: Tensor, neg: Tensor, is_inverted: bool) -> List[Tensor]:
@@ -22,7 +23,7 @@ def batch_hard_miner(mat: Tensor, pos: Tensor, neg: Tensor, is_inverted: bool) -
     return [keep, pos_idx, neg_idx]
 
 
-class BatchHardMiner(TripletKernelMiner):
+class BatchHardMiner(EasyHardStats, TripletKernelMiner):
     """In Defense of the Triplet Loss (Hermans et al.): one triplet per anchor, with its
     hardest positive and hardest negative. Anchors lacking either are dropped.
 
@@ -33,6 +34,14 @@ class BatchHardMiner(TripletKernelMiner):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.layout = [[0, -1, 1, 2]]
+        self.reset_miner_stats()
+        self.add_to_recordable_attributes(list_of_names=EASY_HARD_STATS, is_stat=True)
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        mat = self.distance(embeddings, ref_emb)
+        self.set_easy_hard_stats(mat[out[0], out[1]], mat[out[0], out[2]],
+                                 self.distance.is_inverted, True)
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                ref_labels: Optional[Tensor], noise: Optional[Tensor],

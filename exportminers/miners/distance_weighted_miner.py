@@ -141,6 +141,7 @@ class DistanceWeightedMiner(TripletKernelMiner):
         require_normalized_l2("DistanceWeightedMiner", self.distance)
         self.cutoff = check_number(cutoff, "cutoff")
         self.nonzero_loss_cutoff = check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff")
+        self.add_to_recordable_attributes(list_of_names=["cutoff", "nonzero_loss_cutoff"])
         self.layout = [[0, -1, 1, 2]]
 
     def noise_shape(self, n: int, m: int) -> List[int]:

@@ -235,6 +235,7 @@ class HDCMiner(PairKernelMiner):
     def __init__(self, filter_percentage: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.filter_percentage = check_number(filter_percentage, "filter_percentage", 0.0, 1.0)
+        self.add_to_recordable_attributes(name="filter_percentage")
         self.layout = [[0, -1, -2], [1, -1, -2]]
         self.a1 = None
         self.p = None

@@ -52,6 +52,7 @@ class MultiSimilarityMiner(PairKernelMiner):
     def __init__(self, epsilon: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = check_number(epsilon, "epsilon")
+        self.add_to_recordable_attributes(name="epsilon")
         self.layout = [[0, -1, -2], [1, -1, -2]]
 
     def get_default_distance(self) -> BaseDistance:

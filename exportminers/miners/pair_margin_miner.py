@@ -6,6 +6,7 @@ from torch import Tensor
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_number
 from .base_miner import PairKernelMiner
+from .stats import masked_mean
 
 
 def pair_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, pos_margin: float,
@@ -38,12 +39,30 @@ class PairMarginMiner(PairKernelMiner):
 
     pos_margin: float
     neg_margin: float
+    pos_pair_dist: float
+    neg_pair_dist: float
 
     def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8, **kwargs):
         super().__init__(**kwargs)
         self.pos_margin = check_number(pos_margin, "pos_margin")
         self.neg_margin = check_number(neg_margin, "neg_margin")
         self.layout = [[0, -1, -2], [1, -1, -2]]
+        self.reset_miner_stats()
+        self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"])
+        self.add_to_recordable_attributes(list_of_names=["pos_pair_dist", "neg_pair_dist"],
+                                          is_stat=True)
+
+    def reset_miner_stats(self) -> None:
+        self.pos_pair_dist = 0.0
+        self.neg_pair_dist = 0.0
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        """PML's: mean value of every positive and of every negative pair (0 if none)."""
+        mat = self.distance(embeddings, ref_emb)
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        self.pos_pair_dist = masked_mean(mat, pos, 0.0)
+        self.neg_pair_dist = masked_mean(mat, neg, 0.0)
 
     def kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                ref_labels: Optional[Tensor], noise: Optional[Tensor],

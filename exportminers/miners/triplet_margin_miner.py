@@ -9,6 +9,7 @@ from ..distances import LpDistance, SNRDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_choice, check_number, check_positive_int
 from .base_miner import DenseTripletKernelMiner
+from .stats import triplet_means
 
 TRIPLET_TYPES = {"all": 0, "hard": 1, "semihard": 2, "easy": 3}
 
@@ -28,14 +29,27 @@ def triplet_condition(tm: Tensor, margin: float, kind: int) -> Tensor:
     return cond
 
 
+def compares_as_inf(margin: float, dtype: torch.dtype) -> bool:
+    """``margin`` rounds to +inf when compared with values of ``dtype`` (e.g. 1e5 in
+    float16): the first value that rounds up past each format's largest finite one."""
+    if dtype == torch.float16:
+        return margin >= 65520.0                      # 65504 + half an ulp
+    if dtype == torch.bfloat16:
+        return margin >= 3.3961775292304256e38        # 2^128 - 2^119
+    if dtype == torch.float32:
+        return margin >= 3.4028235677973366e38        # 2^128 - 2^103
+    return margin == float("inf")
+
+
 def masked_pair_values(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg: Tensor, kind: int,
-                       is_inverted: bool):
+                       is_inverted: bool, margin: float = 0.0):
     """Anchor-positive and anchor-negative values with the pair masks folded in.
 
     Non-positive (non-negative) entries become +-inf such that every triplet using one
-    gets the margin +inf (-inf for ``"easy"``), which no condition accepts, and never
-    NaN. Valid triplets' margins are computed exactly as before. This replaces two
-    N x P x M boolean ANDs with N x P and N x M fills.
+    gets the margin +inf (-inf for ``"easy"``), which no condition accepts. (A margin
+    that compares as +inf in the values' dtype would accept +inf: then they become NaN,
+    which fails every comparison.) Valid triplets' margins are computed exactly as
+    before. This replaces two N x P x M boolean ANDs with N x P and N x M fills.
 
     Args:
         ap_vals, pos: Tensor[N, P] positive-candidate values and validity.
@@ -44,6 +58,12 @@ def masked_pair_values(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg: Tenso
     Returns:
         (ap Tensor[N, P, 1], an Tensor[N, 1, M])
     """
+    if kind != 3 and compares_as_inf(margin, an_vals.dtype):
+        # an infinite margin accepts an infinite triplet margin: masked entries are NaN
+        # instead, which no comparison accepts
+        nan = float("nan")
+        return ap_vals.masked_fill(~pos, nan).unsqueeze(2), \
+            an_vals.masked_fill(~neg, nan).unsqueeze(1)
     big = float("-inf") if kind == 3 else float("inf")
     if is_inverted:   # margin = ap - an
         ap = ap_vals.masked_fill(~pos, big)
@@ -150,7 +170,7 @@ def triplet_margin_candidates(ap_vals: Tensor, pos: Tensor, an_vals: Tensor, neg
         Tensor[N, P, M] bool.
     """
     n, p, m = ap_vals.size(0), ap_vals.size(1), an_vals.size(1)
-    ap, an = masked_pair_values(ap_vals, pos, an_vals, neg, kind, is_inverted)
+    ap, an = masked_pair_values(ap_vals, pos, an_vals, neg, kind, is_inverted, margin)
     exporting = _ops.is_exporting()
     # the threshold needs nextafter: eagerly any float32/64; exported, float32 only
     # (emulated, see _ops.next_float)
@@ -190,7 +210,7 @@ def capped_triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: f
         ``[valid Tensor[N, k] bool, positive Tensor[N, k], negative Tensor[N, k]]``.
     """
     n, m = mat.size(0), mat.size(1)
-    ap, an = masked_pair_values(mat, pos, mat, neg, kind, is_inverted)
+    ap, an = masked_pair_values(mat, pos, mat, neg, kind, is_inverted, margin)
     per = n if _ops.is_exporting() else max(1, max(n * m, 4194304) // max(1, m * m))
     vals: List[Tensor] = []
     idxs: List[Tensor] = []
@@ -238,6 +258,9 @@ class TripletMarginMiner(DenseTripletKernelMiner):
     cap: int
     random_cap: bool
     nonnegative: bool
+    avg_triplet_margin: float
+    pos_pair_dist: float
+    neg_pair_dist: float
 
     def __init__(self, margin: float = 0.2, type_of_triplets: str = "all",
                  max_triplets_per_anchor: Optional[int] = None, cap_order: str = "hardest",
@@ -257,6 +280,25 @@ class TripletMarginMiner(DenseTripletKernelMiner):
         # L_p and SNR distances (with a positive power) are never negative
         self.nonnegative = isinstance(self.distance, (LpDistance, SNRDistance)) \
             and self.distance.power > 0
+        self.reset_miner_stats()
+        self.add_to_recordable_attributes(name="margin")
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_triplet_margin", "pos_pair_dist", "neg_pair_dist"], is_stat=True)
+
+    def reset_miner_stats(self) -> None:
+        self.avg_triplet_margin = 0.0
+        self.pos_pair_dist = 0.0
+        self.neg_pair_dist = 0.0
+
+    def record_stats(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                     ref_labels: Optional[Tensor], out: List[Tensor]) -> None:
+        """PML's: mean d(a, p), mean d(a, n) and mean margin over every triplet the
+        labels allow (before the margin test; NaN if there is none)."""
+        pos, neg = lmu.pair_masks(labels, ref_labels)
+        ap, an = triplet_means(self.distance(embeddings, ref_emb), pos, neg)
+        self.pos_pair_dist = ap
+        self.neg_pair_dist = an
+        self.avg_triplet_margin = ap - an if self.distance.is_inverted else an - ap
 
     def noise_shape(self, n: int, m: int) -> List[int]:
         return [n, m, m] if self.random_cap else []
