@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import __version__, registry
 from .runtime import metadata as md
+from .utils.checks import check_positive_int
 
 FORBIDDEN_OPS = frozenset({"NonZero", "Loop", "If", "Compress", "Unique", "Scan"})
 SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "Range"})
@@ -282,6 +283,27 @@ def _row_independent(miner: nn.Module) -> bool:
     return flag and len(noise_spec(miner, True)) == 0
 
 
+def _check_opset(opset) -> int:
+    """An opset the dynamo exporter writes as asked: from 18 (its own) to the newest the
+    installed ``onnx`` knows (it converts upward, never below 18)."""
+    import numbers
+
+    import onnx
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) \
+            or not 18 <= int(opset) <= newest:
+        raise ValueError(f"opset must be an integer from 18 to {newest} (the torch exporter "
+                         f"writes opset 18 or converts upward), got {opset!r}")
+    return int(opset)
+
+
+def _default_opset(model) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return -1
+
+
 def largest_tensors(model) -> List[List[Any]]:
     """The shapes of the largest tensors a graph computes, symbolically.
 
@@ -475,11 +497,14 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 f"miner: {name} has no {attr!r}; only built-in (kernel + layout) miners export")
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-    if embedding_dim is not None and (isinstance(embedding_dim, bool)
-                                      or not isinstance(embedding_dim, int) or embedding_dim < 1):
-        raise ValueError(f"embedding_dim must be a positive integer or None, got {embedding_dim!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
-        raise ValueError(f"opset must be an integer opset version, got {opset!r}")
+    if embedding_dim is not None:
+        try:
+            embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
+        except ValueError:
+            raise ValueError(f"embedding_dim must be a positive integer or None, got "
+                             f"{embedding_dim!r}") from None
+    if opset is not None:
+        opset = _check_opset(opset)
     with_ref = bool(with_ref)
     if with_ref and (name in SELF_ONLY or not getattr(miner, "supports_ref", True)):
         raise ValueError(f"with_ref: {name} does not mine against a reference set; "
@@ -582,6 +607,9 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         miner.train(was_training)
 
     model = program.model_proto
+    written = _default_opset(model)
+    if opset is not None and written != opset:
+        raise ValueError(f"opset: the exporter wrote opset {written}, not the requested {opset}")
     counts = op_types(model)
     bad = sorted(FORBIDDEN_OPS.intersection(counts))
     if bad and not compact:

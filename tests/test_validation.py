@@ -231,3 +231,64 @@ def test_float16_and_float32_inputs_accepted(name, config, seed):
         if name not in ("MaximumLossMiner", "EmbeddingsAlreadyPackagedAsTriplets"):
             case = Case("half", x, y)
             (assert_valid_triplets if len(out) == 3 else assert_valid_pairs)(out, case, name)
+
+
+# ---------------------------------------------- found by the input audit (stop 10)
+
+def test_eager_non_tensor_inputs_name_the_argument():
+    import numpy as np
+    from exportminers import miners
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    m = miners.BatchHardMiner()
+    for args, name in (((x, None), "labels"), ((x.numpy(), y.numpy()), "embeddings"),
+                       ((x, [0, 1, 0, 1, 0, 1]), "labels"), ((x, y, np.ones((3, 4)), y[:3]),
+                                                            "ref_emb")):
+        with pytest.raises(ValueError, match=f"^{name} must be a torch.Tensor"):
+            m(*args)
+
+
+def test_numbers_from_numpy_and_0d_tensors_are_accepted():
+    import numpy as np
+    from exportminers import miners
+    assert miners.TripletMarginMiner(margin=np.float32(0.25)).margin == 0.25
+    assert miners.TripletMarginMiner(margin=torch.tensor(0.5)).margin == 0.5
+    assert miners.AngularMiner(angle=np.int64(30)).angle_degrees == 30
+    assert miners.UniformHistogramMiner(num_bins=np.int64(7)).num_bins == 7
+    assert miners.MaximumLossMiner(output_batch_size=np.int32(4)).output_batch_size == 4
+    for bad in (np.array([1.0, 2.0]), torch.tensor([0.2, 0.3]), True, "0.2"):
+        with pytest.raises(ValueError, match="margin"):
+            miners.TripletMarginMiner(margin=bad)
+    with pytest.raises(ValueError, match="num_bins"):
+        miners.UniformHistogramMiner(num_bins=np.float64(3.0))
+
+
+def test_loss_function_class_instead_of_instance():
+    from exportminers import losses, miners
+    with pytest.raises(ValueError, match="loss_function must be an instance"):
+        miners.MaximumLossMiner(loss_function=losses.TripletMarginLoss)
+
+
+@pytest.mark.parametrize("opset", [7, 17, 10 ** 6, 18.0, True])
+def test_export_unsupported_opset_is_refused(tmp_path, opset):
+    import exportminers
+    from exportminers import miners
+    with pytest.raises(ValueError, match="opset must be an integer from 18"):
+        exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"), opset=opset)
+
+
+def test_onnx_float64_beyond_float32_range_is_refused(tmp_path):
+    import numpy as np
+    import exportminers
+    from exportminers import miners
+    path = exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"))
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((12, 4))
+    y = np.arange(12) % 3
+    a, p, n = om(x * 1e30, y)                       # large but within float32: fine
+    assert len(a) == 12
+    big = x.copy()
+    big[3] *= 1e300
+    with pytest.raises(ValueError, match=r"embeddings has values beyond float32's range.*\[3\]"):
+        om(big, y)
+    with pytest.raises(ValueError, match="labels is required"):
+        om(x, None)

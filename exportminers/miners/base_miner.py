@@ -28,7 +28,7 @@ from torch import Tensor
 from ..decode import decode
 from ..distances import BaseDistance, DotProductSimilarity, LpDistance
 from ..utils import loss_and_miner_utils as lmu
-from ..utils.checks import check_inputs
+from ..utils.checks import check_inputs, check_positive_int
 
 
 def resolve_distance(distance, default: BaseDistance, normalize_embeddings: Optional[bool],
@@ -186,11 +186,7 @@ class BasePreGradientMiner(BaseMiner):
 
     def __init__(self, output_batch_size: int, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(output_batch_size, bool) or not isinstance(output_batch_size, int) \
-                or output_batch_size < 1:
-            raise ValueError(
-                f"output_batch_size must be a positive integer, got {output_batch_size!r}")
-        self.output_batch_size = output_batch_size
+        self.output_batch_size = check_positive_int(output_batch_size, "output_batch_size")
 
     def output_assertion(self, output) -> None:
         if len(output) != self.output_batch_size:

@@ -39,6 +39,11 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
         super().__init__(output_batch_size=output_batch_size, **kwargs)
         if loss_function is None:
             loss_function = TripletMarginLoss()
+        if isinstance(loss_function, type) or isinstance(mining_function, type):
+            which = "loss_function" if isinstance(loss_function, type) else "mining_function"
+            raise ValueError(f"{which} must be an instance, got the class "
+                             f"{(loss_function if which == 'loss_function' else mining_function).__name__}"
+                             f" (add parentheses)")
         if not callable(loss_function):
             raise ValueError(f"loss_function must be callable, got {loss_function!r}")
         if mining_function is not None and not callable(mining_function):

@@ -46,6 +46,18 @@ def check_finite(x: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf values (first bad rows: {rows})")
 
 
+def check_in_range(cast: np.ndarray, name: str) -> None:
+    """After casting finite values to a narrower float (``cast``): none overflowed."""
+    try:
+        check_finite(cast, name)
+    except ValueError:
+        rows = np.flatnonzero(np.logical_not(np.isfinite(cast)).any(axis=1))[:5].tolist()
+        raise ValueError(
+            f"{name} has values beyond {cast.dtype.name}'s range (largest "
+            f"{float(np.finfo(cast.dtype).max):g}), the graph's input type (first bad rows: "
+            f"{rows}); rescale them or export a wider graph") from None
+
+
 def check_embeddings(x: np.ndarray, name: str, check_finite_values: bool) -> None:
     check_embeddings_meta(x.shape, dtype_kind(x.dtype), x.dtype, name)
     if check_finite_values:

@@ -267,6 +267,9 @@ class OnnxMiner:
                  seed: Optional[int] = None, noise=None, return_raw: bool = False,
                  device_output: bool = False):
         """Mine; see the class docstring."""
+        for value, name in ((embeddings, "embeddings"), (labels, "labels")):
+            if value is None:
+                raise ValueError(f"{name} is required, got None")
         if not _is_host(embeddings):
             return self._call_bound(embeddings, labels, ref_emb, ref_labels, seed, noise,
                                     return_raw, device_output)
@@ -276,12 +279,17 @@ class OnnxMiner:
         emb, lab, ref, ref_lab = checks_np.check_inputs(
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         self._check_graph_args(emb.shape, ref is not None)
-        emb = emb.astype(self.dtype, copy=False)
-        ref = None if ref is None else ref.astype(self.dtype, copy=False)
-        if self.check_finite and self.dtype == np.float16:  # values beyond float16's range
-            checks_np.check_finite(emb, "embeddings")
-            if ref is not None:
-                checks_np.check_finite(ref, "ref_emb")
+        # values beyond a narrower graph type's range (float64 -> float32, -> float16)
+        narrowing = self.check_finite and emb.dtype.itemsize > self.dtype.itemsize
+        ref_narrowing = self.check_finite and ref is not None and \
+            ref.dtype.itemsize > self.dtype.itemsize
+        with np.errstate(over="ignore"):   # overflow is reported just below
+            emb = emb.astype(self.dtype, copy=False)
+            ref = None if ref is None else ref.astype(self.dtype, copy=False)
+        if narrowing:
+            checks_np.check_in_range(emb, "embeddings")
+        if ref_narrowing:
+            checks_np.check_in_range(ref, "ref_emb")
         n = emb.shape[0]
         m = n if ref is None else ref.shape[0]
         noise_arr = self._noise(n, m, seed, noise)

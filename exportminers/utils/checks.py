@@ -3,6 +3,7 @@
 Messages name the argument, say what was expected and what arrived. Argument
 (configuration) checks live beside the constructors; these are tensor checks.
 """
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -80,6 +81,20 @@ def check_labels(labels: Tensor, name: str, n: int, emb_name: str) -> None:
         )
 
 
+@torch.jit.unused
+def check_tensor_types(embeddings, labels, ref_emb, ref_labels) -> None:
+    """Eager calls: every input is a torch tensor (ref_* may be None)."""
+    for value, name, optional in ((embeddings, "embeddings", False), (labels, "labels", False),
+                                  (ref_emb, "ref_emb", True), (ref_labels, "ref_labels", True)):
+        if value is None and optional:
+            continue
+        if not isinstance(value, torch.Tensor):
+            hint = " (exportminers.OnnxMiner takes numpy arrays)" \
+                if type(value).__module__ == "numpy" else ""
+            raise ValueError(f"{name} must be a torch.Tensor, got "
+                            f"{type(value).__name__}{hint}")
+
+
 def check_inputs(
     embeddings: Tensor,
     labels: Tensor,
@@ -92,6 +107,8 @@ def check_inputs(
     Returns:
         (embeddings, labels as int64, ref_emb, ref_labels as int64 or None)
     """
+    if not torch.jit.is_scripting():   # TorchScript's signature already checks types
+        check_tensor_types(embeddings, labels, ref_emb, ref_labels)
     check_embeddings(embeddings, "embeddings", check_finite)
     check_labels(labels, "labels", embeddings.size(0), "embeddings")
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
@@ -122,14 +139,28 @@ def check_inputs(
     return embeddings, labels, ref_emb, ref_labels
 
 
-def check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _plain_scalar(value):
+    """A 0-d tensor or numpy array as its Python number; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () \
+            and hasattr(value, "item"):
+        return value.item()
     return value
 
 
+def check_positive_int(value: int, name: str) -> int:
+    """A positive integer: Python, numpy or 0-d tensor integers (not bools)."""
+    value = _plain_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_number(value, name: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (Python, numpy or 0-d tensor; not a bool and not NaN) as a float."""
+    value = _plain_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if value != value:
