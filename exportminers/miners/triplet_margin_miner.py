@@ -209,25 +209,38 @@ def capped_triplet_margin_miner(mat: Tensor, pos: Tensor, neg: Tensor, margin: f
     Returns:
         ``[valid Tensor[N, k] bool, positive Tensor[N, k], negative Tensor[N, k]]``.
     """
-    n, m = mat.size(0), mat.size(1)
     ap, an = masked_pair_values(mat, pos, mat, neg, kind, is_inverted, margin)
-    per = n if _ops.is_exporting() else max(1, max(n * m, 4194304) // max(1, m * m))
-    vals: List[Tensor] = []
-    idxs: List[Tensor] = []
-    for s in range(0, n, per):
-        e = min(n, s + per)
-        tm = triplet_margins(ap[s:e], an[s:e], is_inverted)
-        cond = triplet_condition(tm, margin, kind)
-        score = -tm if noise is None else noise[s:e].to(mat.dtype)   # larger = chosen first
-        score = score.masked_fill(~cond, float("-inf")).reshape(e - s, m * m)
-        pad = torch.full_like(score[:, :1], float("-inf")).expand(e - s, k)
-        v, i = torch.topk(torch.cat([score, pad], dim=1), k, dim=1)
-        vals.append(v)
-        idxs.append(i)
-    v = torch.cat(vals, dim=0)
-    i = torch.cat(idxs, dim=0).clamp(max=m * m - 1)
+    if _ops.is_exporting():   # one block; sizes from data (no Python ints of N or M)
+        v, i = _capped_block(ap, an, noise, margin, kind, is_inverted, k)
+    else:
+        n, m = mat.size(0), mat.size(1)
+        per = max(1, max(n * m, 4194304) // max(1, m * m))
+        vals: List[Tensor] = []
+        idxs: List[Tensor] = []
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            v, i = _capped_block(ap[s:e], an[s:e], None if noise is None else noise[s:e],
+                                 margin, kind, is_inverted, k)
+            vals.append(v)
+            idxs.append(i)
+        v = torch.cat(vals, dim=0)
+        i = torch.cat(idxs, dim=0)
+    m_t = _ops.ones_int_like(mat[0]).sum()              # M, from data
+    i = torch.minimum(i, m_t * m_t - 1)                  # padding slots (invalid anyway)
     valid = v > float("-inf")
-    return [valid, torch.div(i, m, rounding_mode="floor"), i % m]
+    return [valid, torch.div(i, m_t, rounding_mode="floor"), i % m_t]
+
+
+def _capped_block(ap: Tensor, an: Tensor, noise: Optional[Tensor], margin: float, kind: int,
+                  is_inverted: bool, k: int) -> Tuple[Tensor, Tensor]:
+    """Scores and flat (p * M + n) indices of the ``k`` best selected triplets of each
+    anchor in a block (``-inf`` scores for empty slots)."""
+    tm = triplet_margins(ap, an, is_inverted)
+    cond = triplet_condition(tm, margin, kind)
+    score = -tm if noise is None else noise.to(tm.dtype)   # larger = chosen first
+    score = score.masked_fill(~cond, float("-inf")).flatten(1)   # [b, M * M]
+    pad = torch.full_like(score[:, :1], float("-inf")).repeat(1, k)   # k empty slots
+    return torch.topk(torch.cat([score, pad], dim=1), k, dim=1)
 
 
 class TripletMarginMiner(DenseTripletKernelMiner):
