@@ -292,3 +292,24 @@ def test_onnx_float64_beyond_float32_range_is_refused(tmp_path):
         om(big, y)
     with pytest.raises(ValueError, match="labels is required"):
         om(x, None)
+
+
+@pytest.mark.parametrize("name", ["BatchHardMiner", "PairMarginMiner", "TripletMarginMiner",
+                                  "MaximumLossMiner"])
+def test_scripted_miner_called_with_none_stays_usable(name):
+    from exportminers import miners
+    kw = {"output_batch_size": 4} if name == "MaximumLossMiner" else {}
+    eager = getattr(miners, name)(**kw)
+    scripted = torch.jit.script(eager)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    for bad, arg in (((x, None), "labels"), ((None, y), "embeddings")):
+        with pytest.raises(Exception, match=f"{arg} is required"):
+            scripted(*bad)
+    for _ in range(3):   # TorchScript once broke here (an internal assert in alias analysis)
+        torch.manual_seed(0)
+        got = scripted(x, y)
+        torch.manual_seed(0)
+        want = eager(x, y)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -240,7 +240,8 @@ class KernelMinerMixin:
 class TripletKernelMiner(KernelMinerMixin, BasePostGradientMiner):
     """Base of the built-in miners returning ``(a, p, n)``."""
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+    def forward(self, embeddings: Optional[Tensor], labels: Optional[Tensor],
+                ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Mine ``(a, p, n)``: anchors index ``embeddings``, p/n index ``ref_emb`` (or the batch)."""
         self.reset_stats()
@@ -354,7 +355,8 @@ class DenseTripletKernelMiner(TripletKernelMiner):
 class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
     """Base of the built-in miners returning ``(a1, p, a2, n)``."""
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+    def forward(self, embeddings: Optional[Tensor], labels: Optional[Tensor],
+                ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Mine ``(a1, p, a2, n)``: anchors index ``embeddings``, p/n index ``ref_emb``."""
         self.reset_stats()

@@ -85,7 +85,8 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
         chosen = torch.index_select(subsets, 0, best).reshape(-1)
         return [chosen >= 0, chosen]
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+    def forward(self, embeddings: Optional[Tensor], labels: Optional[Tensor],
+                ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tensor:
         """Indices (Tensor[output_batch_size] int64) of the highest-loss subset."""
         self.reset_stats()

@@ -96,19 +96,27 @@ def check_tensor_types(embeddings, labels, ref_emb, ref_labels) -> None:
 
 
 def check_inputs(
-    embeddings: Tensor,
-    labels: Tensor,
+    embeddings: Optional[Tensor],
+    labels: Optional[Tensor],
     ref_emb: Optional[Tensor],
     ref_labels: Optional[Tensor],
     check_finite: bool = True,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Validate a miner call and move labels to the embeddings' device.
 
+    ``embeddings`` and ``labels`` are typed Optional so that a scripted miner called
+    with None raises this ValueError (TorchScript lets None through a Tensor argument,
+    and such a call leaves the scripted module broken for later calls).
+
     Returns:
         (embeddings, labels as int64, ref_emb, ref_labels as int64 or None)
     """
     if not torch.jit.is_scripting():   # TorchScript's signature already checks types
         check_tensor_types(embeddings, labels, ref_emb, ref_labels)
+    if embeddings is None:
+        raise ValueError("embeddings is required, got None")
+    if labels is None:
+        raise ValueError("labels is required, got None")
     check_embeddings(embeddings, "embeddings", check_finite)
     check_labels(labels, "labels", embeddings.size(0), "embeddings")
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
