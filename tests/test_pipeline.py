@@ -147,7 +147,11 @@ def test_short_and_no_positive_are_reported(tmp_path):
     assert rows[0]["status"] == "no_positive" and rows[0]["neg_ids"] == []
     s = res.summary
     assert s["no_positive"]["count"] >= 1 and 0 in s["no_positive"]["example_query_ids"]
-    assert s["short_of_negatives"]["count"] == sum(r["status"] == "short" for r in rows)
+    # every query with fewer than k negatives counts, also one whose status is no_positive
+    assert s["short_of_negatives"]["count"] == sum(len(r["neg_ids"]) < 3 for r in rows)
+    assert s["short_of_negatives"]["also_no_positive"] == sum(
+        len(r["neg_ids"]) < 3 and r["status"] == "no_positive" for r in rows)
+    assert s["queries"]["short"] == sum(r["status"] == "short" for r in rows)
     assert "why" in s["short_of_negatives"]
 
 

@@ -11,8 +11,9 @@ embeddings, out of core, on ONNX Runtime (GPU or CPU; no PyTorch needed).
 
 Inputs: embeddings as .npy (with --labels, optional --ids), a .parquet file or a folder
 of .parquet shards (columns --embedding-column / --label-column / --id-column), or a
-folder holding embeddings.npy + labels.npy (+ ids.npy). Without --bank the queries are
-mined against themselves (a row is never its own positive).
+folder holding embeddings.npy + labels.npy (+ ids.npy); folders are read recursively
+(names starting with . or _ skipped). Without --bank the queries are mined against
+themselves (a row is never its own positive or negative).
 
 Outputs in --out: mined.parquet (one row per query: ids and scores of its negatives
 and positives, and a status), flat training files (--format), summary.json,
@@ -79,8 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="positive used by semihard / multisimilarity / --margin-pos / --perc-pos (default: %(default)s)")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--exclude-same-id", dest="exclude_same_id", action="store_true", default=None,
-                   help="a bank row with the query's id is never its positive (default: on for self-mining or when both sides have ids)")
-    g.add_argument("--no-exclude-same-id", dest="exclude_same_id", action="store_false")
+                   help="a bank row with the query's id is never its positive or negative "
+                        "(default: on for self-mining or when both sides have ids)")
+    g.add_argument("--no-exclude-same-id", dest="exclude_same_id", action="store_false",
+                   help="do not exclude rows by id; when mining a set against itself a row "
+                        "is still never its own positive or negative (only other rows with "
+                        "the same id become eligible)")
 
     e = p.add_argument_group("engine")
     e.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="(default: %(default)s)")
@@ -137,8 +142,20 @@ def _demo_inputs():
     return d.data.astype(np.float32), d.target.astype(np.int64)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``mine`` subcommand; returns the exit status."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one 'warning: ...' line, no source line
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .mine import mine
 
     formats = [] if args.format.strip().lower() in ("", "none") else [
@@ -185,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
             res = mine(args.input, args.labels, args.ids, bank=args.bank,
                        bank_labels=args.bank_labels, bank_ids=args.bank_ids,
                        out_dir=args.out or "mined", **kw)
-    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # OSError covers ConnectionError
+        msg = str(e).strip().splitlines()
+        print(f"error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
     print_report(res)
     return 0

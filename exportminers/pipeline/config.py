@@ -54,7 +54,9 @@ class MineConfig:
         positive_ref: which positive the positive-aware filters use.
         exclude_same_id: a bank row with the query's id is never its positive or
             negative. ``None``: on when mining a set against itself or when both
-            sides have explicit ids.
+            sides have explicit ids. When mining a set against itself, a row is never
+            its own positive or negative either way; ``False`` then only stops rows
+            that merely share an id (duplicate ids) from being excluded.
     """
 
     k: int = 10
@@ -108,6 +110,8 @@ class MineConfig:
         _int("range_min", 0)
         _int("num_positives", 0)
         _int("seed", 0)
+        if self.seed >= 2 ** 64:
+            raise ValueError(f"seed must be below 2**64, got {self.seed!r}")
         if self.range_max is not None:
             _int("range_max", 1)
             if self.range_max < self.range_min + self.k:

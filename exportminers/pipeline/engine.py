@@ -122,9 +122,10 @@ class BlockRunner:
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows in float32 (zero rows stay zero)."""
     x = np.asarray(x, dtype=F32)
-    n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=F32))
+    # norms in float64: squares of float32 values past ~1.8e19 overflow float32
+    n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     n[n == 0] = 1
-    return x / n[:, None]
+    return (x / n[:, None]).astype(F32)
 
 
 def clean_block(blk: RowBlock, valid: np.ndarray, metric: str):
@@ -187,6 +188,10 @@ def merge_topk(c_run, i_run, c_new, i_new, k: int, largest: bool):
     return np.take_along_axis(c, order, 1), np.take_along_axis(i, order, 1)
 
 
+class ScoreOverflowError(ValueError):
+    """A block produced an overflowed (inf / NaN) score."""
+
+
 class TopKState:
     def __init__(self, rows: int, k: int, largest: bool):
         self.k, self.largest = k, largest
@@ -194,8 +199,20 @@ class TopKState:
         self.c = np.full((rows, k), fill, dtype=F32)
         self.i = np.full((rows, k), IDX_MAX, dtype=np.int64)
 
-    def update(self, r0: int, r1: int, c_new, i_new, offset: int):
+    def update(self, r0: int, r1: int, c_new, i_new, offset: int,
+               valid: Optional[np.ndarray] = None):
         c_new = c_new.astype(F32, copy=False)
+        # empty slots are -inf (largest) / +inf (smallest); anything else that is not
+        # finite, for a query that is mined (``valid``), is a score that overflowed the
+        # compute dtype: never merge it silently
+        bad = np.isnan(c_new) | (c_new == (np.inf if self.largest else -np.inf))
+        if valid is not None:
+            bad &= valid[:, None]
+        if bad.any():
+            raise ScoreOverflowError(
+                "scores overflowed the compute dtype (inf/NaN from the block graph): the "
+                "embeddings are too large for it; use dtype='float32' (--dtype float32), or "
+                "scale down / normalise the embeddings")
         ok = np.isfinite(c_new)
         i_new = np.where(ok, i_new + offset, IDX_MAX)
         c, i = merge_topk(self.c[r0:r1], self.i[r0:r1], c_new, i_new, self.k, self.largest)
@@ -250,12 +267,13 @@ def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[Dev
             r0 = qb.offset - base
             r1 = r0 + qb.rows
             n = qb.rows
+            qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
             if res.neg is not None:
-                res.neg.update(r0, r1, out["neg_c"][:n], out["neg_i"][:n], mb.offset)
+                res.neg.update(r0, r1, out["neg_c"][:n], out["neg_i"][:n], mb.offset, qvalid)
             if res.hpos is not None:
-                res.hpos.update(r0, r1, out["hpos_c"][:n], out["hpos_i"][:n], mb.offset)
+                res.hpos.update(r0, r1, out["hpos_c"][:n], out["hpos_i"][:n], mb.offset, qvalid)
             if res.epos is not None:
-                res.epos.update(r0, r1, out["epos_c"][:n], out["epos_i"][:n], mb.offset)
+                res.epos.update(r0, r1, out["epos_c"][:n], out["epos_i"][:n], mb.offset, qvalid)
         if on_bank_block is not None:
             on_bank_block(mb.rows)
     return res

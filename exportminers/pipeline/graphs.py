@@ -26,7 +26,8 @@ Inputs (``B_q`` query rows, ``B_m`` bank rows, ``d`` width; ``T`` = float32 or f
 Outputs (closeness: larger = closer; -inf / +inf mark empty slots):
 
 - ``neg_c`` T[B_q, k_neg], ``neg_i`` int64[B_q, k_neg]: the most similar
-  different-label rows inside the band, closest first, ties by lower bank row
+  different-label rows whose id differs from the query's, inside the band, closest
+  first, ties by lower bank row
 - ``hpos_c`` T[B_q, k_pos], ``hpos_i``: the least similar same-label rows whose id
   differs from the query's, least close first (+inf = none)
 - ``epos_c`` T[B_q, 1], ``epos_i``: the most similar such row (``easy`` graphs)
@@ -40,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-GRAPH_VERSION = 2   # 2: opset 18 (every node has an ONNX Runtime CUDA kernel)
+GRAPH_VERSION = 3   # 2: opset 18 (every node has an ONNX Runtime CUDA kernel); 3: same-id
+# rows are never negatives either
 PACKAGE_GRAPH_DIR = Path(__file__).resolve().parent / "graphs"
 KINDS = ("neg", "pos", "both")
 METRIC_KINDS = ("dot", "l2")
@@ -169,16 +171,17 @@ def _make_module(spec: GraphSpec):
             else:
                 c = qm + m_bias.unsqueeze(0)
             same_label = q_label.unsqueeze(1) == m_label.unsqueeze(0)
+            same_id = q_id.unsqueeze(1) == m_id.unsqueeze(0)
             outs = []
             if spec.has_neg:
-                neg = torch.where(same_label, torch.tensor(-inf, dtype=c.dtype), c)
+                # a bank row with the query's id is never its negative (nor positive)
+                neg = torch.where(same_label | same_id, torch.tensor(-inf, dtype=c.dtype), c)
                 if spec.band:
                     in_band = (c >= neg_lo.unsqueeze(1)) & (c <= neg_hi.unsqueeze(1))
                     neg = torch.where(in_band, neg, torch.tensor(-inf, dtype=c.dtype))
                 nc, ni = torch.topk(neg, _K_NEG_PLACEHOLDER, dim=1, largest=True, sorted=True)
                 outs += [nc, ni]
             if spec.has_pos:
-                same_id = q_id.unsqueeze(1) == m_id.unsqueeze(0)
                 pos_mask = same_label & torch.logical_not(same_id)
                 hp = torch.where(pos_mask, c, torch.tensor(inf, dtype=c.dtype))
                 hc, hi_ = torch.topk(hp, _K_POS_PLACEHOLDER, dim=1, largest=False, sorted=True)

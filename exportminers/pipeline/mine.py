@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -19,7 +20,7 @@ from .engine import (DEFAULT_BLOCKS, BlockRunner, DeviceBlock, check_block_sizes
                      prepare_block, resolve_device, run_pass, select_window)
 from .graphs import GraphSpec
 from .progress import Progress
-from .sources import SENTINEL, Source, open_source
+from .sources import SENTINEL, RowBlock, Source, arg_name, open_source
 
 STOP_ENV = "EXPORTMINERS_PIPELINE_STOP_AFTER_SHARDS"  # test hook: exit after N shards
 STATE_FILE = "_state.json"
@@ -34,6 +35,7 @@ class Scan:
     ids: np.ndarray  # int64 [n]
     labels: np.ndarray  # int64 [n] (0 where missing)
     digest: str = ""  # content hash: a resumed run must see the same data
+    max_norm: float = 0.0  # largest L2 norm of a row with finite embeddings (float64)
 
 
 def scan_source(src: Source, block: int, name: str) -> Scan:
@@ -42,6 +44,7 @@ def scan_source(src: Source, block: int, name: str) -> Scan:
     ids = np.zeros(src.n, dtype=np.int64)
     labels = np.zeros(src.n, dtype=np.int64)
     nonfinite, missing = [], []
+    max_norm = 0.0
     h = hashlib.blake2b(digest_size=16)
     for s in range(0, src.n, block):
         e = min(src.n, s + block)
@@ -49,6 +52,9 @@ def scan_source(src: Source, block: int, name: str) -> Scan:
         if blk.emb.shape[1] != src.dim:
             raise ValueError(f"{name}: rows {s}..{e} have width {blk.emb.shape[1]}, expected {src.dim}")
         fin = np.isfinite(blk.emb).all(axis=1)
+        if fin.any():
+            e64 = blk.emb[fin].astype(np.float64)
+            max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", e64, e64).max())))
         ok = fin & blk.label_ok
         if np.any(blk.labels[blk.label_ok] == SENTINEL):
             raise ValueError(f"{name}: label {SENTINEL} is reserved (used for padding)")
@@ -62,7 +68,7 @@ def scan_source(src: Source, block: int, name: str) -> Scan:
         nonfinite.append(np.flatnonzero(~fin) + s)
         missing.append(np.flatnonzero(fin & ~blk.label_ok) + s)
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
-    return Scan(valid, cat(nonfinite), cat(missing), ids, labels, h.hexdigest())
+    return Scan(valid, cat(nonfinite), cat(missing), ids, labels, h.hexdigest(), max_norm)
 
 
 @dataclass
@@ -184,16 +190,20 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         if value != default:
             raise ValueError(f"{name} applies to engine='ray' only (got {name}={value!r} with "
                              "engine='local')")
-    formats = check_formats(formats)
+    formats = check_formats(formats, cfg)
+    check_engine_numbers(threads=threads, bank_cache_gb=bank_cache_gb)
     device = resolve_device(device)
+    dtype_given = dtype is not None
     dtype, np_dtype = resolve_dtype(dtype, device, cfg)
     bq, bm = _parse_block(block_size, device)
     check_block_sizes(bq, bm)
+    check_out_dir(out_dir)
 
     # ---- inputs
     inp = open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg, bq, bm,
                       embedding_column=embedding_column, label_column=label_column,
                       id_column=id_column)
+    dtype, np_dtype = fit_dtype(cfg, inp, dtype, dtype_given)
     qsrc, bsrc, qscan, bscan = inp.qsrc, inp.bsrc, inp.qscan, inp.bscan
     same_id, kc, k_pos = inp.same_id, inp.kc, inp.k_pos
     bq_eff, bm_eff = inp.bq_eff, inp.bm_eff
@@ -233,8 +243,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             return
         for s in range(0, bsrc.n, bm_eff):
             e = min(bsrc.n, s + bm_eff)
-            db = prepare_block(runners[0], "m", bsrc.read(s, e), bscan.valid[s:e], s, bm_eff,
-                               cfg.metric, np_dtype, same_id)
+            db = prepare_block(runners[0], "m", inp.keyed(bsrc.read(s, e), s), bscan.valid[s:e],
+                               s, bm_eff, cfg.metric, np_dtype, same_id)
             if cache_bank:
                 bank_cache.append(db)
             yield db
@@ -253,8 +263,9 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         qblocks = []
         for b0 in range(s0, s1, bq_eff):
             b1 = min(s1, b0 + bq_eff)
-            qblocks.append(prepare_block(runners[0], "q", qsrc.read(b0, b1), qscan.valid[b0:b1],
-                                         b0, bq_eff, cfg.metric, np_dtype, same_id))
+            qblocks.append(prepare_block(runners[0], "q", inp.keyed(qsrc.read(b0, b1), b0),
+                                         qscan.valid[b0:b1], b0, bq_eff, cfg.metric, np_dtype,
+                                         same_id))
         nrows = s1 - s0
         tick = lambda n_bank_rows, _n=nrows: prog.update(_n * n_bank_rows)
         if cfg.needs_positive:
@@ -307,12 +318,83 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
 # --------------------------------------------------------------------------- shared steps
 # (used by the local engine above and by the Ray engine in ray_engine.py)
 
-def check_formats(formats) -> List[str]:
+def check_formats(formats, cfg: Optional[MineConfig] = None) -> List[str]:
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
     formats = list(formats or [])
     for f in formats:
         if f not in out_mod.FORMATS:
-            raise ValueError(f"formats: unknown format {f!r}; choose from {list(out_mod.FORMATS)}")
+            raise ValueError(f"formats (--format): unknown format {f!r}; choose from "
+                             f"{list(out_mod.FORMATS)} (or none)")
+    if cfg is not None and cfg.num_positives == 0:
+        need = [f for f in formats if f in ("triplets", "ntuples")]
+        if need:
+            raise ValueError(
+                f"formats (--format) {', '.join(need)} need a positive per query, but "
+                "num_positives=0 (--num-positives 0) reports none, so the file(s) would be "
+                "empty; use num_positives >= 1, or formats 'pairs' / none (--format pairs, "
+                "--format none)")
     return formats
+
+
+def check_engine_numbers(threads=None, bank_cache_gb=None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(
+            threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"threads (--threads) must be an integer >= 1, got {threads!r}")
+    if bank_cache_gb is not None and (isinstance(bank_cache_gb, bool) or not isinstance(
+            bank_cache_gb, (int, float, np.integer, np.floating))
+            or not np.isfinite(bank_cache_gb) or bank_cache_gb < 0):
+        raise ValueError(f"bank_cache_gb (--bank-cache-gb) must be a finite number >= 0, "
+                         f"got {bank_cache_gb!r}")
+
+
+def check_out_dir(out_dir) -> None:
+    """Fail early (before reading any input) when ``out_dir`` cannot be a writable folder."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir (-o/--out) must be a path, got {type(out_dir).__name__}")
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"out_dir (-o/--out): {p} exists and is not a folder")
+    probe = p
+    while not probe.exists():  # nearest existing ancestor: the folder is created in it
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"out_dir (-o/--out): cannot create {p}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir (-o/--out): {probe} is not writable (permission denied)"
+                         + ("" if probe == p else f"; cannot create {p}"))
+
+
+# dtype range: scores must stay below half the dtype's maximum (room for rounding)
+def fit_dtype(cfg: MineConfig, inp: "Inputs", dtype: str, given: bool):
+    """Check that no score (nor any partial sum of one) can overflow ``dtype``: for dot,
+    |q.m| <= |q| |m|; for l2, every term of |q|^2 + |m|^2 - 2 q.m is below (|q| + |m|)^2.
+    A default float16 that cannot hold them becomes float32 (with a warning); an explicit
+    dtype that cannot is an error. Returns ``(dtype, np.dtype)``."""
+    if cfg.metric == "cosine":  # rows are normalised: |score| <= 1
+        return dtype, np.dtype(dtype)
+    nq, nm = inp.qscan.max_norm, inp.bscan.max_norm
+    bound = (nq + nm) ** 2 if cfg.metric == "l2" else max(nq * nm, nq, nm)
+
+    def limit(dt):
+        return 0.5 * float(np.finfo(dt).max)
+
+    if bound <= limit(dtype):
+        return dtype, np.dtype(dtype)
+    what = ("squared distances" if cfg.metric == "l2" else "dot products")
+    why = (f"{cfg.metric} scores of these embeddings can reach {bound:.3g} ({what}; largest "
+           f"row norm: queries {nq:.3g}, bank {nm:.3g}), more than {dtype} holds safely "
+           f"({limit(dtype):.3g}, half its maximum): scores would overflow to inf")
+    if dtype == "float16" and not given and bound <= limit("float32"):
+        warnings.warn(f"computing in float32 instead of the default float16: {why}",
+                      RuntimeWarning, stacklevel=3)
+        return "float32", np.dtype("float32")
+    fix = ("use dtype='float32' (--dtype float32), or " if dtype == "float16" else "")
+    raise ValueError(f"dtype {dtype}{' (--dtype)' if given else ''}: {why}; {fix}scale the "
+                     "embeddings down or "
+                     "normalise them (metric='cosine', --metric cosine)")
 
 
 def resolve_dtype(dtype: Optional[str], device: str, cfg: MineConfig):
@@ -337,11 +419,43 @@ class Inputs:
     k_pos: int  # hardest positives kept per query
     bq_eff: int
     bm_eff: int
+    id_key: str = "ids"  # what same-id exclusion compares: "ids", or "rows" (the row itself)
+
+    def keyed(self, blk, start: int):
+        """``blk`` (rows ``start``...) with the ids the block graph compares: the row
+        numbers when only the row itself is excluded (self-mining without same-id)."""
+        if self.id_key != "rows":
+            return blk
+        return RowBlock(blk.emb, blk.labels, blk.label_ok,
+                        np.arange(start, start + len(blk.labels), dtype=np.int64))
+
+
+def _warn_duplicate_ids(scan: Scan, side: str) -> int:
+    """Warn (count and examples) when ids repeat; returns the number of repeated rows."""
+    ids = scan.ids
+    if len(ids) < 2:
+        return 0
+    u, counts = np.unique(ids, return_counts=True)
+    dup = u[counts > 1]
+    if not len(dup):
+        return 0
+    rows = int(counts[counts > 1].sum())
+    warnings.warn(
+        f"{side}: {len(dup):,} id(s) occur more than once ({rows:,} rows), e.g. "
+        f"{dup[:10].tolist()}: same-id exclusion drops every bank row sharing a query's id, "
+        "not just the row itself (pass exclude_same_id=False / --no-exclude-same-id to "
+        "compare rows, or give unique ids)", RuntimeWarning, stacklevel=4)
+    return rows
 
 
 def open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg: MineConfig,
                 bq: int, bm: int, **cols) -> Inputs:
     """Open both sides, scan them for bad rows and check the configuration fits."""
+    if bank is None:
+        for arg, v in (("bank_labels", bank_labels), ("bank_ids", bank_ids)):
+            if v is not None:
+                raise ValueError(f"{arg_name('bank', arg[5:])} needs bank (--bank); without a "
+                                 "bank the queries are mined against themselves")
     qsrc = open_source(queries, labels, ids, name="queries", **cols)
     self_mode = bank is None
     bsrc = qsrc if self_mode else open_source(bank, bank_labels, bank_ids, name="bank", **cols)
@@ -353,30 +467,54 @@ def open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg: MineConf
         raise ValueError(f"embedding widths differ: queries have {qsrc.dim} columns, the bank "
                          f"has {bsrc.dim}")
     if qsrc.dim == 0:
-        raise ValueError("queries: embeddings have width 0")
+        raise ValueError("queries: embeddings have width 0 (every embedding is empty or null)")
     scan_block = max(bq, min(bm, 65536))
     qscan = scan_source(qsrc, scan_block, "queries")
     bscan = qscan if self_mode else scan_source(bsrc, scan_block, "bank")
     n_bank_ok = int(bscan.valid.sum())
     if n_bank_ok == 0:
         raise ValueError("bank: every row is excluded (NaN/inf embeddings or missing labels)")
-    if cfg.range_min + cfg.k > n_bank_ok:
+    # self-mining: a query is never its own candidate, so it sees one row fewer
+    n_cand = n_bank_ok - 1 if self_mode else n_bank_ok
+    if cfg.range_min + cfg.k > n_cand:
         raise ValueError(
-            f"k is larger than the bank: each query needs range_min + k = "
+            f"k (-k) is larger than the bank: each query needs range_min + k = "
             f"{cfg.range_min} + {cfg.k} ranked candidates but the bank has {n_bank_ok} "
-            "usable rows")
-    if cfg.num_positives > n_bank_ok:
-        raise ValueError(f"num_positives ({cfg.num_positives}) is larger than the bank "
-                         f"({n_bank_ok} usable rows)")
+            "usable rows" + (" (each query has the other rows only)" if self_mode else ""))
+    if cfg.num_positives > n_cand:
+        raise ValueError(f"num_positives (--num-positives) ({cfg.num_positives}) is larger than "
+                         f"the bank ({n_cand} usable rows per query)")
     same_id = cfg.exclude_same_id
     if same_id is None:
         same_id = self_mode or (qsrc.has_ids and bsrc.has_ids)
+    id_key = "ids"
+    if same_id:
+        _warn_duplicate_ids(qscan, "queries")
+        if not self_mode:
+            _warn_duplicate_ids(bscan, "bank")
+    elif self_mode:  # a row is never its own positive or negative, whatever the ids
+        same_id, id_key = True, "rows"
+    _warn_degenerate_labels(qscan, bscan, cfg)
     kc = min(cfg.num_candidates, n_bank_ok)  # a random window past the bank's end is cut
     k_pos = max(cfg.num_positives, 1)
     bq_eff = min(bq, qsrc.n)
     bm_eff = max(min(bm, bsrc.n), kc, k_pos)
     check_block_sizes(bq_eff, bm_eff)
-    return Inputs(qsrc, bsrc, self_mode, qscan, bscan, bool(same_id), kc, k_pos, bq_eff, bm_eff)
+    return Inputs(qsrc, bsrc, self_mode, qscan, bscan, bool(same_id), kc, k_pos, bq_eff, bm_eff,
+                  id_key)
+
+
+def _warn_degenerate_labels(qscan: Scan, bscan: Scan, cfg: MineConfig) -> None:
+    """Warn when the labels leave no query a negative, or no query a positive."""
+    ql = np.unique(qscan.labels[qscan.valid])
+    bl, bcount = np.unique(bscan.labels[bscan.valid], return_counts=True)
+    if len(ql) and len(bl) == 1 and np.array_equal(ql, bl):
+        warnings.warn(f"every usable row has the same label ({bl[0]}): there are no "
+                      "negatives to mine", RuntimeWarning, stacklevel=4)
+    elif (cfg.num_positives or cfg.needs_positive) and len(ql) and bscan is qscan \
+            and bcount.max() == 1:
+        warnings.warn("every usable row has a label of its own: no query has a positive "
+                      "(status no_positive)", RuntimeWarning, stacklevel=4)
 
 
 def graph_specs(cfg: MineConfig, dtype: str) -> List[GraphSpec]:
@@ -394,9 +532,22 @@ def run_state(cfg: MineConfig, dtype: str, inp: Inputs) -> dict:
     return {
         "config": cfg.to_json(), "dtype": dtype,
         "queries": inp.qsrc.describe(), "bank": None if inp.self_mode else inp.bsrc.describe(),
-        "exclude_same_id": bool(inp.same_id),
+        "exclude_same_id": bool(inp.same_id), "same_id_key": inp.id_key,
         "data": [inp.qscan.digest, inp.bscan.digest],
     }
+
+
+OUTPUT_FILES = ("mined.parquet", "summary.json", "excluded.json", "scores.png") + tuple(
+    f"{f}.parquet" for f in out_mod.FORMATS)
+WORK_DIRS = ("_shards", "_ray_parts")
+
+
+def _remove_outputs(out_dir: Path, work_dir: Path) -> None:
+    """Delete an earlier run's outputs (the files this package writes, and nothing else)."""
+    for d in {work_dir.name, *WORK_DIRS}:
+        shutil.rmtree(out_dir / d, ignore_errors=True)
+    for f in OUTPUT_FILES:
+        (out_dir / f).unlink(missing_ok=True)
 
 
 def prepare_out_dir(out_dir: Path, state: dict, overwrite: bool, work_dir: Path) -> None:
@@ -413,12 +564,13 @@ def prepare_out_dir(out_dir: Path, state: dict, overwrite: bool, work_dir: Path)
                     f"{out_dir} holds results of a different run (configuration, inputs or "
                     "shard size differ); pass overwrite=True (--overwrite) to discard them, or "
                     "choose another out_dir")
-            shutil.rmtree(work_dir, ignore_errors=True)
-            for f in ("mined.parquet",):
-                (out_dir / f).unlink(missing_ok=True)
+            _remove_outputs(out_dir, work_dir)
     elif overwrite:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
+        _remove_outputs(out_dir, work_dir)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir (-o/--out): cannot create {work_dir} ({e})") from None
     out_mod.write_json(state, state_path)
 
 

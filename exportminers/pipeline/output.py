@@ -210,7 +210,9 @@ def collect_scores(mined: Path):
 def build_summary(cfg: MineConfig, sc: dict, excluded: dict, extra: dict) -> dict:
     status = sc["status"]
     counts = {s: int((status == s).sum()) for s in STATUSES}
-    short = status == "short"
+    # every mined query with fewer than k negatives, whatever its status says first
+    mined_q = (status != "excluded_nonfinite") & (status != "excluded_missing_label")
+    short = mined_q & (np.asarray(sc["num_neg"]) < cfg.k)
     hist = {}
     if short.any():
         vals, cnt = np.unique(sc["num_neg"][short], return_counts=True)
@@ -222,7 +224,8 @@ def build_summary(cfg: MineConfig, sc: dict, excluded: dict, extra: dict) -> dic
                                  - counts["excluded_missing_label"]),
                     **counts},
         "short_of_negatives": {
-            "count": counts["short"],
+            "count": int(short.sum()),
+            "also_no_positive": int((short & (status == "no_positive")).sum()),
             "why": (f"fewer than {cfg.k} negatives left in the rank window "
                     f"[{cfg.range_min}, {cfg.range_min + cfg.k if cfg.range_max is None else cfg.range_max})"
                     f" after the label, score{' and positive-aware' if cfg.needs_positive else ''} "

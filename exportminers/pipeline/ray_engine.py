@@ -71,8 +71,9 @@ from .config import F32, MineConfig, negative_band
 from .engine import (IDX_MAX, BlockRunner, check_block_sizes, prepare_block,
                      run_pass, select_window)
 from .graphs import GraphSpec
-from .mine import (MineResult, _parse_block, check_formats, finish_outputs, graph_specs,
-                   open_inputs, prepare_out_dir, resolve_dtype, run_state)
+from .mine import (MineResult, _parse_block, check_engine_numbers, check_formats,
+                   check_out_dir, finish_outputs, fit_dtype, graph_specs, open_inputs,
+                   prepare_out_dir, resolve_dtype, run_state)
 from .sources import RowBlock, Source, open_source
 
 FAULT_ENV = "EXPORTMINERS_RAY_FAULT"  # test hook: "raise|exit|hang:QUERY_INDEX:MARKER_FILE"
@@ -199,7 +200,7 @@ class _ShardWorker:
 
     def __init__(self, *, graph: dict, shard: list, offset: int, block_q: int, block_m: int,
                  metric: str, dtype: str, same_id: bool, kc: int, k_pos: int, device: str,
-                 threads: Optional[int], fault: Optional[str] = None):
+                 threads: Optional[int], fault: Optional[str] = None, id_key: str = "ids"):
         import ray
 
         from .engine import resolve_device
@@ -211,6 +212,7 @@ class _ShardWorker:
         self.metric, self.same_id = metric, same_id
         self.block_q, self.kc, self.k_pos = block_q, kc, k_pos
         self.fault = fault
+        self.id_key = id_key  # "rows": same-id exclusion compares row numbers (self-mining)
         data = ray.get(shard[0])
         n = len(data["labels"])
         self.offset = offset
@@ -218,8 +220,9 @@ class _ShardWorker:
         self.blocks = []
         for a in range(0, n, block_m):
             b = min(n, a + block_m)
-            blk = RowBlock(data["emb"][a:b], data["labels"][a:b], data["label_ok"][a:b],
-                           data["ids"][a:b])
+            key = (np.arange(offset + a, offset + b, dtype=np.int64) if id_key == "rows"
+                   else data["ids"][a:b])
+            blk = RowBlock(data["emb"][a:b], data["labels"][a:b], data["label_ok"][a:b], key)
             self.blocks.append(prepare_block(self.runner, "m", blk, data["valid"][a:b],
                                              offset + a, block_m, metric, self.dtype, same_id))
         del data
@@ -229,11 +232,12 @@ class _ShardWorker:
         _inject_fault(self.fault, rows, ("raise", "exit"))
         n = len(rows)
         valid = batch["finite"] & batch["label_ok"]
+        qkey = batch["query_index"] if self.id_key == "rows" else batch["qid"]
         qblocks = []
         for b0 in range(0, n, self.block_q):
             b1 = min(n, b0 + self.block_q)
             blk = RowBlock(batch["emb"][b0:b1], batch["label"][b0:b1], batch["label_ok"][b0:b1],
-                           batch["qid"][b0:b1])
+                           qkey[b0:b1])
             qblocks.append(prepare_block(self.runner, "q", blk, valid[b0:b1], b0, self.block_q,
                                          self.metric, self.dtype, self.same_id))
         band = (batch["band_lo"], batch["band_hi"]) if self.spec.band else None
@@ -509,10 +513,39 @@ def _gather_positives(ds, todo: np.ndarray, n: int, k_pos: int, kinds: Sequence[
     return got
 
 
+CONNECT_TIMEOUT_S = 15.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """ConnectionError when ``host:port`` (or ``ray://host:port``) does not accept a TCP
+    connection within ``timeout`` seconds: ``ray.init`` would retry it forever."""
+    import socket
+
+    addr = address.strip()
+    if addr in ("auto", "local") or not addr:
+        return
+    if "://" in addr:
+        addr = addr.split("://", 1)[1]
+    addr = addr.split("/", 1)[0]
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"ray_address (--address) must look like HOST:PORT, ray://HOST:PORT or "
+                         f"auto, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"ray_address (--address): cannot reach a Ray cluster at {address!r} ({e}); check "
+            "the address and that the cluster is up (ray status)") from None
+
+
 @contextlib.contextmanager
-def _ray_session(ray, ray_address: Optional[str], progress: bool):
+def _ray_session(ray, ray_address: Optional[str], progress: bool, info: Optional[dict] = None):
     """The Ray instance of one run: the one this process already runs, else
-    ``ray_address`` / ``RAY_ADDRESS``, else a new local one (shut down at the end)."""
+    ``ray_address`` / ``RAY_ADDRESS``, else a new local one (shut down at the end;
+    ``info["started_here"]`` is then True)."""
+    info = {} if info is None else info
+    info["started_here"] = False
     if ray.is_initialized():
         if ray_address is not None:
             warnings.warn(f"Ray is already initialized in this process; ray_address="
@@ -521,8 +554,12 @@ def _ray_session(ray, ray_address: Optional[str], progress: bool):
         return
     init = dict(address=ray_address, logging_level=logging.INFO if progress else logging.WARNING,
                 log_to_driver=bool(progress))
-    if ray_address is None and not os.environ.get("RAY_ADDRESS"):
+    target = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
+    if target:
+        check_reachable(target)
+    else:
         init["include_dashboard"] = False
+        info["started_here"] = True
     ray.init(**init)
     try:
         yield
@@ -539,22 +576,29 @@ def _default_actor_cpus(cluster: dict, num_actors: int) -> float:
 
 
 def _warn_if_cluster_too_small(cluster: dict, num_actors: int, num_cpus_per_actor: float,
-                               num_gpus_per_actor: float) -> None:
-    """RuntimeWarning when the actors cannot all start (the run would wait for the
-    cluster to grow)."""
+                               num_gpus_per_actor: float, fixed: bool = False) -> None:
+    """When the actors cannot all start: a RuntimeWarning (the run waits for the
+    cluster to grow), or a ValueError when the cluster is ``fixed`` (a local instance
+    this run started itself: it would wait forever)."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if cpus and num_actors * num_cpus_per_actor + TASK_CPUS > cpus + 1e-9:
-        warnings.warn(
+    problems = []
+    if (cpus or fixed) and num_actors * num_cpus_per_actor + TASK_CPUS > cpus + 1e-9:
+        problems.append(
             f"{num_actors} actor(s) x {num_cpus_per_actor} CPU + {TASK_CPUS} CPU for the "
-            f"read / write tasks is more than the cluster's {cpus:g} CPUs: the run waits "
-            "until the cluster grows (it hangs on a fixed cluster); lower "
-            "num_cpus_per_actor or num_actors", RuntimeWarning, stacklevel=3)
+            f"read / write tasks is more than the cluster's {cpus:g} CPUs; lower "
+            "num_cpus_per_actor (--num-cpus-per-actor) or num_actors (--num-actors)")
     if num_gpus_per_actor and num_actors * num_gpus_per_actor > gpus + 1e-9:
-        warnings.warn(
+        problems.append(
             f"{num_actors} actor(s) x {num_gpus_per_actor} GPU is more than the cluster's "
-            f"{gpus:g} GPUs: the run waits until the cluster grows (it hangs on a fixed "
-            "cluster); lower num_gpus_per_actor (fractions share a GPU) or num_actors",
-            RuntimeWarning, stacklevel=3)
+            f"{gpus:g} GPUs; lower num_gpus_per_actor (--num-gpus-per-actor; fractions share "
+            "a GPU) or num_actors (--num-actors)")
+    for msg in problems:
+        if fixed:
+            raise ValueError(f"{msg}. The local Ray instance this run started cannot grow, so "
+                             "the run could never start (give ray_address / --address for a "
+                             "larger cluster)")
+        warnings.warn(f"{msg}: the run waits until the cluster grows (it hangs on a fixed "
+                      "cluster)", RuntimeWarning, stacklevel=3)
 
 
 def _bank_shards(n_rows: int, block_m: int, shards: int) -> List[Tuple[int, int]]:
@@ -635,12 +679,16 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         raise ValueError("device='cpu' but num_gpus_per_actor > 0; drop one of them")
 
     # ---- the local engine's checks, scan and sizes
-    formats = check_formats(formats)
+    formats = check_formats(formats, cfg)
+    check_engine_numbers(threads=threads)
+    dtype_given = dtype is not None
     dtype, np_dtype = resolve_dtype(dtype, actor_device, cfg)
     bq, bm = _parse_block(block_size, actor_device)
     check_block_sizes(bq, bm)
+    check_out_dir(out_dir)
     cols = dict(embedding_column=embedding_column, label_column=label_column, id_column=id_column)
     inp = open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg, bq, bm, **cols)
+    dtype, np_dtype = fit_dtype(cfg, inp, dtype, dtype_given)
     qsrc, bsrc, bscan = inp.qsrc, inp.bsrc, inp.bscan
     bq_eff, bm_eff, kc, k_pos = inp.bq_eff, inp.bm_eff, inp.kc, inp.k_pos
     shard_rows = _bank_shards(bsrc.n, bm_eff, bank_shards)
@@ -672,12 +720,13 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     # ---- Ray (not started when every query is done already)
     cluster, written, mine_seconds = {}, 0, 0.0
     if len(todo):
-        with _ray_session(ray, ray_address, progress):
+        session = {}
+        with _ray_session(ray, ray_address, progress, session):
             cluster = ray.cluster_resources()
             if num_cpus_per_actor is None:
                 num_cpus_per_actor = _default_actor_cpus(cluster, num_actors)
             _warn_if_cluster_too_small(cluster, num_actors, num_cpus_per_actor,
-                                       num_gpus_per_actor)
+                                       num_gpus_per_actor, fixed=session["started_here"])
             if threads is None and actor_device == "cpu":
                 threads = max(1, int(num_cpus_per_actor))
             shard_refs = []
@@ -690,7 +739,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
             qspec = _side_spec(ray, queries, labels, ids, "queries", cols)
             worker_kw = dict(block_q=bq_eff, block_m=bm_eff, metric=cfg.metric, dtype=dtype,
                              same_id=inp.same_id, kc=kc, k_pos=k_pos, device=actor_device,
-                             threads=threads, fault=fault)
+                             threads=threads, fault=fault, id_key=inp.id_key)
             actor_res = dict(num_cpus=num_cpus_per_actor)
             if num_gpus_per_actor:
                 actor_res["num_gpus"] = num_gpus_per_actor
@@ -710,8 +759,11 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
                 graph = dict(kind=spec.kind, metric=spec.metric, band=spec.band,
                              easy=spec.easy, dtype=spec.dtype)
                 for s, (s0, _) in enumerate(shard_rows):
+                    # an explicit batch size: Ray Data requires one for GPU actors (and
+                    # the actors handle any size; rows are keyed by query_index)
                     ds = _map_batches(
-                        ds, _ShardWorker, actor_remote, batch_size=None, batch_format="numpy",
+                        ds, _ShardWorker, actor_remote, batch_size=batch_rows,
+                        batch_format="numpy",
                         fn_constructor_kwargs=dict(graph=graph, shard=[shard_refs[s]],
                                                    offset=s0, **worker_kw),
                         compute=ray.data.ActorPoolStrategy(size=replicas[s]), **actor_res)

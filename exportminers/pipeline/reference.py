@@ -29,7 +29,11 @@ def closeness_matrix(cfg: MineConfig, q: np.ndarray, m: np.ndarray) -> np.ndarra
 def mine_reference(cfg: MineConfig, q, q_labels, q_ids, m=None, m_labels=None, m_ids=None,
                    exclude_same_id: Optional[bool] = None) -> List[Dict]:
     """Per query: dict(neg_ids, neg_scores, neg_ranks, pos_ids, pos_scores,
-    easy_pos_id, easy_pos_score, num_candidates). Rows must be finite."""
+    easy_pos_id, easy_pos_score, num_candidates). Rows must be finite.
+
+    Same-id rule (MineConfig.exclude_same_id): with ``exclude_same_id`` a bank row whose
+    id equals the query's is neither its positive nor its negative; when mining a set
+    against itself (``m is None``) the query's own row never is, whatever the ids."""
     self_mode = m is None
     if self_mode:
         m, m_labels, m_ids = q, q_labels, q_ids
@@ -44,9 +48,12 @@ def mine_reference(cfg: MineConfig, q, q_labels, q_ids, m=None, m_labels=None, m
     out = []
     for r in range(len(ql)):
         c = C[r]
-        pos_mask = ml == ql[r]
+        excluded = np.zeros(len(ml), dtype=bool)
         if exclude_same_id:
-            pos_mask &= mid != qid[r]
+            excluded |= mid == qid[r]
+        if self_mode:
+            excluded[r] = True
+        pos_mask = (ml == ql[r]) & ~excluded
         pcols = cols[pos_mask]
         # hardest positives: least close first, ties by lower row
         hp = pcols[np.lexsort((pcols, c[pcols]))]
@@ -55,7 +62,7 @@ def mine_reference(cfg: MineConfig, q, q_labels, q_ids, m=None, m_labels=None, m
             cp = c[ep[0]] if len(ep) else None
         else:
             cp = c[hp[0]] if len(hp) else None
-        neg = ml != ql[r]
+        neg = (ml != ql[r]) & ~excluded
         raw = c if cfg.similarity else -c
         if cfg.min_score is not None:
             neg &= raw >= F32(cfg.min_score)

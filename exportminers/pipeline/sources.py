@@ -2,10 +2,14 @@
 
 - numpy arrays (in memory or ``np.load(..., mmap_mode="r")``): ``ArraySource``
 - ``.npy`` files: memory-mapped, never loaded whole
-- Parquet: one file, a list of files or a folder of ``*.parquet`` shards, with an
-  embedding column of (fixed-size) lists of floats, an integer label column and an
-  optional integer id column; read a row group at a time
+- Parquet: one file, a list of files or a folder of ``*.parquet`` / ``*.pq`` shards
+  (subfolders included, in sorted path order; names starting with ``.`` or ``_`` are
+  skipped, as pyarrow does), with an embedding column of (fixed-size) lists of floats,
+  an integer label column and an optional integer id column; read a row group at a time
 - a folder holding ``embeddings.npy`` + ``labels.npy`` (+ ``ids.npy``)
+
+A folder mixing Parquet and ``.npy`` data, or holding ``.npy`` files beyond those three,
+is refused; other files in it are reported with a warning.
 
 ``read(start, stop)`` returns ``RowBlock`` with float32 embeddings, int64 labels, a
 ``label_ok`` mask (False = missing label) and int64 ids (row numbers when the source
@@ -14,6 +18,7 @@ has none).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -21,6 +26,37 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 SENTINEL = np.iinfo(np.int64).min  # reserved: padding / excluded rows
+I64_MAX = np.iinfo(np.int64).max
+PARQUET_SUFFIXES = (".parquet", ".pq")
+NPY_NAMES = ("embeddings.npy", "labels.npy", "ids.npy")
+
+# how the error messages name each argument: (Python argument, command-line option)
+ARG_NAMES = {
+    "queries": {"data": "queries (input)", "labels": "labels (--labels)", "ids": "ids (--ids)"},
+    "bank": {"data": "bank (--bank)", "labels": "bank_labels (--bank-labels)",
+             "ids": "bank_ids (--bank-ids)"},
+}
+
+
+def arg_name(side: str, what: str) -> str:
+    return ARG_NAMES.get(side, {}).get(what, f"{side} {what}")
+
+
+def _load_npy(path, what: str) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")`` with errors that name the file and the argument."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what}: {p} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a folder, not a .npy file")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{what}: cannot read {p} as a .npy array ({e}); object / pickled "
+                         "arrays are not supported, save a numeric array") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise ValueError(f"{what}: {p} is not a single .npy array")
+    return arr
 
 
 @dataclass
@@ -47,17 +83,36 @@ class Source:
 def _int_labels(labels: np.ndarray, name: str):
     """int64 labels + ok mask; float labels may use NaN for 'missing'."""
     labels = np.asarray(labels)
-    if labels.dtype.kind in "iu":
+    if labels.dtype.kind == "u":
+        if len(labels) and labels.max() > I64_MAX:
+            raise ValueError(f"{name}: label {int(labels.max())} does not fit int64 (labels must "
+                             f"be below 2**63)")
+        return labels.astype(np.int64), np.ones(len(labels), dtype=bool)
+    if labels.dtype.kind == "i":
         return labels.astype(np.int64, copy=False), np.ones(len(labels), dtype=bool)
     if labels.dtype.kind == "f":
         ok = np.isfinite(labels)
         if np.any(labels[ok] != np.round(labels[ok])):
             raise ValueError(f"{name} must hold integers (NaN marks a missing label), "
                              f"got non-integer floats")
+        big = ok & (np.abs(labels.astype(np.float64)) >= 2.0 ** 53)
+        if big.any():
+            raise ValueError(f"{name}: float label {float(labels[big][0]):g} is too large to be an "
+                             "exact integer (float labels must be below 2**53 in magnitude; "
+                             "store labels as int64)")
         out = np.zeros(len(labels), dtype=np.int64)
         out[ok] = labels[ok].astype(np.int64)
         return out, ok
     raise ValueError(f"{name} must be an integer array, got dtype {labels.dtype}")
+
+
+def _int_ids(ids: np.ndarray, name: str) -> np.ndarray:
+    """int64 ids; uint64 ids at or above 2**63 are refused (they would wrap)."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind == "u" and len(ids) and ids.max() > I64_MAX:
+        raise ValueError(f"{name}: id {int(ids.max())} does not fit int64 (ids must be below "
+                         "2**63; uint64 ids are not wrapped)")
+    return ids.astype(np.int64, copy=False)
 
 
 def _column(values, what: str, rows: int, kinds: str) -> np.ndarray:
@@ -73,13 +128,15 @@ def _column(values, what: str, rows: int, kinds: str) -> np.ndarray:
 class ArraySource(Source):
     """Embeddings / labels / ids as numpy arrays (memory-mapped ones stay on disk)."""
 
-    def __init__(self, emb, labels, ids=None, name: str = "embeddings"):
+    def __init__(self, emb, labels, ids=None, name: str = "embeddings",
+                 side: Optional[str] = None):
+        side = side or name
         if isinstance(emb, (str, os.PathLike)):
-            emb = np.load(emb, mmap_mode="r")
+            emb = _load_npy(emb, arg_name(side, "data"))
         if isinstance(labels, (str, os.PathLike)):
-            labels = np.load(labels, mmap_mode="r")
+            labels = _load_npy(labels, arg_name(side, "labels"))
         if isinstance(ids, (str, os.PathLike)):
-            ids = np.load(ids, mmap_mode="r")
+            ids = _load_npy(ids, arg_name(side, "ids"))
         if not isinstance(emb, np.ndarray):
             emb = np.asarray(emb)
         if emb.ndim != 2:
@@ -87,18 +144,19 @@ class ArraySource(Source):
         if emb.dtype.kind != "f":
             raise ValueError(f"{name} must be floating point, got dtype {emb.dtype}")
         # labels may be float (integer-valued, NaN for missing: checked per block)
-        labels = _column(labels, f"labels for {name}", len(emb), "iuf")
-        ids = None if ids is None else _column(ids, f"ids for {name}", len(emb), "iu")
+        labels = _column(labels, arg_name(side, "labels"), len(emb), "iuf")
+        ids = None if ids is None else _column(ids, arg_name(side, "ids"), len(emb), "iu")
         self.emb, self.labels, self.ids = emb, labels, ids
         self.n, self.dim = int(emb.shape[0]), int(emb.shape[1])
         self.has_ids = ids is not None
         self.name = name
+        self.side = side
 
     def read(self, start, stop):
         emb = np.asarray(self.emb[start:stop], dtype=np.float32)
-        labels, ok = _int_labels(self.labels[start:stop], f"labels for {self.name}")
+        labels, ok = _int_labels(self.labels[start:stop], arg_name(self.side, "labels"))
         if self.ids is not None:
-            ids = np.asarray(self.ids[start:stop], dtype=np.int64)
+            ids = _int_ids(self.ids[start:stop], arg_name(self.side, "ids"))
         else:
             ids = np.arange(start, stop, dtype=np.int64)
         return RowBlock(emb, labels, ok, ids)
@@ -108,8 +166,12 @@ class ParquetSource(Source):
     """Rows of one or more Parquet files, read a row group at a time."""
 
     def __init__(self, files: Sequence[Union[str, Path]], embedding_column="embedding",
-                 label_column="label", id_column: Optional[str] = "id", name=None):
+                 label_column="label", id_column: Optional[str] = "id", name=None,
+                 side: str = "queries"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        self.side = side
 
         self.files = [Path(f) for f in files]
         if not self.files:
@@ -120,12 +182,21 @@ class ParquetSource(Source):
         self._groups = []  # (file index, row group, first row, rows)
         start = 0
         has_ids = None
+        what = arg_name(side, "data")
         for fi, f in enumerate(self.files):
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise ValueError(f"{what}: cannot read {f} as Parquet ({e})") from None
             names = pf.schema_arrow.names
             for col in (embedding_column, label_column):
                 if col not in names:
-                    raise ValueError(f"{f}: no column {col!r} (columns: {names})")
+                    opt = "--embedding-column" if col == embedding_column else "--label-column"
+                    hive = any("=" in part for part in Path(f).parts)
+                    raise ValueError(
+                        f"{what}: {f} has no column {col!r} ({opt}; columns: {names})"
+                        + ("; Hive-style partition folders (key=value) are not read as "
+                           "columns" if hive else ""))
             this_has = id_column is not None and id_column in names
             if has_ids is None:
                 has_ids = this_has
@@ -146,6 +217,8 @@ class ParquetSource(Source):
         self.dim = self._probe_dim()
 
     def _probe_dim(self) -> int:
+        """Embedding width: the fixed list size, else the length of the first non-null
+        list (row groups whose embeddings are all null are skipped)."""
         import pyarrow as pa
 
         t = self._pf[0].schema_arrow.field(self.ecol).type
@@ -153,10 +226,13 @@ class ParquetSource(Source):
             return int(t.list_size)
         if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
             raise ValueError(f"{self.name}: column {self.ecol!r} must be a list of floats, got {t}")
-        if self.n == 0:
-            return 0
-        blk = self._group(0)
-        return blk.emb.shape[1]
+        for fi, g, _, _ in self._groups:
+            e = self._pf[fi].read_row_group(g, columns=[self.ecol]).column(self.ecol)
+            for chunk in e.chunks:
+                lens = chunk.value_lengths().drop_null()
+                if len(lens):
+                    return int(lens[0].as_py())
+        return 0
 
     def _group(self, gi: int) -> RowBlock:
         if self._cache[0] == gi:
@@ -174,7 +250,7 @@ class ParquetSource(Source):
             width = e.type.list_size
         else:
             lens = np.asarray(e.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
-            width = int(lens[valid][0]) if valid.any() else getattr(self, "dim", 0)
+            width = int(lens[valid][0]) if valid.any() else self.dim
             if np.any(lens[valid] != width):
                 bad = int(first + np.flatnonzero(valid & (lens != width))[0])
                 raise ValueError(f"{self.name}: embedding lists have different lengths "
@@ -186,14 +262,19 @@ class ParquetSource(Source):
         lab = t.column(self.lcol)
         if not (pa.types.is_integer(lab.type) or pa.types.is_floating(lab.type)):
             raise ValueError(f"{self.name}: label column {self.lcol!r} must be integers, got {lab.type}")
-        lab_np = lab.to_numpy().astype(np.float64) if lab.null_count else lab.to_numpy()
+        # nulls mark missing labels; the values keep their own type (int64 stays exact)
+        lab_ok = ~np.asarray(lab.is_null().to_numpy(), dtype=bool)
+        fill = 0.0 if pa.types.is_floating(lab.type) else 0
+        lab_np = np.asarray(lab.fill_null(fill).to_numpy())
         labels, ok = _int_labels(lab_np, f"{self.name}: label column {self.lcol!r}")
+        ok &= lab_ok
+        labels = np.where(ok, labels, 0)
         if self.icol:
             idc = t.column(self.icol)
             if not pa.types.is_integer(idc.type) or idc.null_count:
                 raise ValueError(f"{self.name}: id column {self.icol!r} must be non-null "
                                  f"integers, got {idc.type} with {idc.null_count} nulls")
-            ids = idc.to_numpy().astype(np.int64)
+            ids = _int_ids(idc.to_numpy(), f"{self.name}: id column {self.icol!r}")
         else:
             ids = np.arange(first, first + rows, dtype=np.int64)
         blk = RowBlock(emb, labels, ok, ids)
@@ -223,39 +304,89 @@ class ParquetSource(Source):
                           for f in ("emb", "labels", "label_ok", "ids")))
 
 
+def _scan_folder(p: Path):
+    """Files under a folder (recursive, sorted; names starting with ``.`` or ``_`` skipped,
+    as pyarrow datasets do): (parquet files, .npy files, other files)."""
+    parquet, npy, other = [], [], []
+    for root, dirs, files in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for f in sorted(files):
+            if f.startswith((".", "_")):
+                continue
+            fp = Path(root) / f
+            suffix = fp.suffix.lower()
+            (parquet if suffix in PARQUET_SUFFIXES else npy if suffix == ".npy" else other).append(fp)
+    return parquet, npy, other
+
+
+def _listing(paths, root: Path, most: int = 8) -> str:
+    names = [str(q.relative_to(root)) for q in paths]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
                 label_column="label", id_column="id", name="queries") -> Source:
     """Build a :class:`Source` from arrays, a ``.npy`` path, a Parquet path/folder, or a
-    folder holding ``embeddings.npy`` + ``labels.npy`` (+ ``ids.npy``)."""
+    folder holding ``embeddings.npy`` + ``labels.npy`` (+ ``ids.npy``).
+
+    ``name`` is ``"queries"`` or ``"bank"``: errors name that side's arguments."""
+    what = arg_name(name, "data")
     if isinstance(data, Source):
         return data
     if isinstance(data, np.ndarray):
         if labels is None:
-            raise ValueError(f"{name}: labels are required with an embedding array")
-        return ArraySource(data, labels, ids, name=name)
+            raise ValueError(f"{arg_name(name, 'labels')} is required with an embedding array")
+        return ArraySource(data, labels, ids, name=name, side=name)
+
+    def parquet(files, label):
+        for arg, v in (("labels", labels), ("ids", ids)):
+            if v is not None:
+                raise ValueError(
+                    f"{arg_name(name, arg)} applies to .npy input only; {what} is Parquet, "
+                    f"whose {arg} come from its columns (--label-column / --id-column)")
+        return ParquetSource(files, embedding_column, label_column, id_column, name=label,
+                             side=name)
+
     if isinstance(data, (list, tuple)) and data and all(
-            isinstance(p, (str, os.PathLike)) and str(p).endswith(".parquet") for p in data):
-        return ParquetSource(data, embedding_column, label_column, id_column, name=name)
+            isinstance(p, (str, os.PathLike)) and Path(p).suffix.lower() in PARQUET_SUFFIXES
+            for p in data):
+        return parquet([Path(p) for p in data], None)
     if not isinstance(data, (str, os.PathLike)):
-        raise ValueError(f"{name}: expected an array or a path, got {type(data).__name__}")
+        raise ValueError(f"{what}: expected an array or a path, got {type(data).__name__}")
     p = Path(data)
     if not p.exists():
-        raise ValueError(f"{name}: {p} does not exist")
+        raise ValueError(f"{what}: {p} does not exist")
     if p.is_dir():
-        shards = sorted(p.glob("*.parquet"))
-        if shards:
-            return ParquetSource(shards, embedding_column, label_column, id_column, name=str(p))
-        if (p / "embeddings.npy").is_file():
+        pq_files, npy_files, other = _scan_folder(p)
+        if pq_files and npy_files:
+            raise ValueError(
+                f"{what}: folder {p} mixes Parquet files ({_listing(pq_files, p)}) and .npy "
+                f"files ({_listing(npy_files, p)}); give a folder holding one kind only")
+        if other:
+            warnings.warn(f"{what}: folder {p}: ignoring {len(other)} file(s) that are neither "
+                          f"Parquet nor .npy: {_listing(other, p)}", RuntimeWarning, stacklevel=3)
+        if pq_files:
+            return parquet(pq_files, str(p))
+        if npy_files:
+            extra = [f for f in npy_files if f.parent != p or f.name not in NPY_NAMES]
+            if extra:
+                raise ValueError(
+                    f"{what}: folder {p} holds .npy files other than {', '.join(NPY_NAMES)}: "
+                    f"{_listing(extra, p)}; a .npy folder holds exactly those")
+            if not (p / "embeddings.npy").is_file():
+                raise ValueError(f"{what}: folder {p} has .npy files but no embeddings.npy")
             lab = labels if labels is not None else p / "labels.npy"
             if not Path(lab).is_file():
-                raise ValueError(f"{name}: {p} has embeddings.npy but no labels.npy")
+                raise ValueError(f"{what}: {p} has embeddings.npy but no labels.npy")
             idp = ids if ids is not None else (p / "ids.npy" if (p / "ids.npy").is_file() else None)
-            return ArraySource(p / "embeddings.npy", lab, idp, name=str(p))
-        raise ValueError(f"{name}: folder {p} holds no *.parquet shards and no embeddings.npy")
-    if p.suffix == ".npy":
+            return ArraySource(p / "embeddings.npy", lab, idp, name=str(p), side=name)
+        raise ValueError(f"{what}: folder {p} holds no Parquet files (*.parquet, *.pq) and no "
+                         "embeddings.npy")
+    if p.suffix.lower() == ".npy":
         if labels is None:
-            raise ValueError(f"{name}: a .npy embedding file needs a labels .npy (--labels)")
-        return ArraySource(p, labels, ids, name=str(p))
-    if p.suffix in (".parquet", ".pq"):
-        return ParquetSource([p], embedding_column, label_column, id_column, name=str(p))
-    raise ValueError(f"{name}: unsupported input {p} (expected .npy, .parquet or a folder)")
+            raise ValueError(f"{what}: a .npy embedding file needs a labels .npy "
+                             f"({arg_name(name, 'labels')})")
+        return ArraySource(p, labels, ids, name=str(p), side=name)
+    if p.suffix.lower() in PARQUET_SUFFIXES:
+        return parquet([p], str(p))
+    raise ValueError(f"{what}: unsupported input {p} (expected .npy, .parquet / .pq or a folder)")
