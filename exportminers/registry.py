@@ -38,7 +38,9 @@ MINERS: Dict[str, MinerSpec] = {s.name: s for s in [
         {"pos_strategy": "all", "neg_strategy": "hard"},
         {"pos_strategy": "semihard", "neg_strategy": "easy", "allowed_neg_range": [0.2, 1.5]},
     ], row_independent=True),
-    MinerSpec("BatchHardMiner", "triplets", row_independent=True),
+    MinerSpec("BatchHardMiner", "triplets", configs=[
+        {}, {"allowed_pos_range": [0.2, 1.2], "allowed_neg_range": [0.4, 1.6]},
+    ], row_independent=True),
     MinerSpec("DistanceWeightedMiner", "triplets", random=True,
               configs=[{}, {"cutoff": 0.3, "nonzero_loss_cutoff": 1.2}]),
     MinerSpec("EmbeddingsAlreadyPackagedAsTriplets", "triplets", self_only=True,

@@ -176,6 +176,19 @@ def test_batch_hard_distances(dist, case_name):
                       make_case(case_name, salt=dist), check_script=False)
 
 
+@pytest.mark.parametrize("case_name", MAIN_CASES)
+@pytest.mark.parametrize("dist", ["l2", "dot", "snr"])
+def test_batch_hard_allowed_ranges(dist, case_name):
+    """PML's BatchHardMiner passes allowed_pos_range / allowed_neg_range on to
+    BatchEasyHardMiner; range ends are actual values (inclusive boundaries)."""
+    case = make_case(case_name, salt=("bh-ranges", dist))
+    _, pos, neg = pair_values(dist, case)
+    kw = {"allowed_pos_range": (sorted_value(pos, 0.15, 0.0), sorted_value(pos, 0.85, 2.0)),
+          "allowed_neg_range": (sorted_value(neg, 0.15, 0.0), sorted_value(neg, 0.85, 2.0))}
+    check_against_pml(mk("BatchHardMiner", 3, kw, dist=dist, tie_aware=True), case,
+                      check_script=case_name == "typical")
+
+
 @pytest.mark.parametrize("case_name", EDGES)
 def test_batch_hard_edges(case_name):
     check_against_pml(mk("BatchHardMiner", 3, {}, tie_aware=True), make_case(case_name),
