@@ -11,7 +11,7 @@ import pytorch_metric_learning.utils.loss_and_miner_utils as pml_lmu
 from harness import (DISTANCES, EDGE_NAMES, MinerCase, assert_same_multiset,
                      assert_same_pairs_global_tie_aware, assert_same_pairs_tie_aware, check_against_pml, check_output_format,
                      distance_matrix, legacy_to_pml_distance, make_case, our_distance,
-                     our_miner_cls, pml_distance, run_ours, run_pml)
+                     our_miner_cls, pml_distance, pml_miner_cls, run_ours, run_pml)
 
 ALL_DISTANCES = list(DISTANCES)
 MAIN_CASES = ["typical", "ref_smaller"]
@@ -427,3 +427,29 @@ def test_legacy_arguments(miner_spec, legacy, case_name):
     assert m.distance.normalize_embeddings == pml_dist.normalize_embeddings
     assert float(m.distance.power) == float(pml_dist.power)
     assert float(m.distance.p) == float(pml_dist.p)
+
+
+@pytest.mark.parametrize("dist", ["cos", "dot"])
+def test_multi_similarity_nan_similarities_match_pml(dist, seed):
+    """Zero rows normalised in float16 give NaN similarities (0/0). PML sorts each row
+    (NaN last) and reads the hardest pairs at its ends; the kernel must agree."""
+    from collections import Counter
+    ours = our_miner_cls("MultiSimilarityMiner")(distance=our_distance(dist))
+    ref = pml_miner_cls("MultiSimilarityMiner")(distance=pml_distance(dist))
+    g = torch.Generator().manual_seed(seed)
+    checked = 0
+    for _ in range(60):
+        n = int(torch.randint(3, 20, (1,), generator=g))
+        x = torch.randn(n, 4, generator=g)
+        x[torch.rand(n, generator=g) < 0.25] = 0
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = x.half()
+        if not torch.isnan(ours.distance(x)).any():
+            continue
+        checked += 1
+        got, want = ours(x, y), ref(x, y)
+        assert Counter(zip(got[0].tolist(), got[1].tolist())) == \
+            Counter(zip(want[0].tolist(), want[1].tolist()))
+        assert Counter(zip(got[2].tolist(), got[3].tolist())) == \
+            Counter(zip(want[2].tolist(), want[3].tolist()))
+    assert checked > 10

@@ -24,13 +24,17 @@ def multi_similarity_miner(mat: Tensor, pos: Tensor, neg: Tensor, epsilon: float
     Returns:
         (Tensor[N, M] bool positives, Tensor[N, M] bool negatives)
     """
+    # NaN values (e.g. a zero row normalised in float16): PML sorts each row, NaN last, and
+    # reads the hardest pair at the row's end or start: the smallest value skips NaN, the
+    # largest is NaN if the row has one (no pair then compares true against it)
+    not_nan = mat == mat
     if is_inverted:
         hardest_neg, _, _ = _ops.masked_extreme(mat, neg, True)    # -inf if none
-        hardest_pos, _, _ = _ops.masked_extreme(mat, pos, False)   # +inf if none
+        hardest_pos, _, _ = _ops.masked_extreme(mat, pos & not_nan, False)   # +inf if none
         keep_pos = pos & (mat - epsilon < hardest_neg.unsqueeze(1))
         keep_neg = neg & (mat + epsilon > hardest_pos.unsqueeze(1))
     else:
-        hardest_neg, _, _ = _ops.masked_extreme(mat, neg, False)
+        hardest_neg, _, _ = _ops.masked_extreme(mat, neg & not_nan, False)
         hardest_pos, _, _ = _ops.masked_extreme(mat, pos, True)
         keep_pos = pos & (mat + epsilon > hardest_neg.unsqueeze(1))
         keep_neg = neg & (mat - epsilon < hardest_pos.unsqueeze(1))
