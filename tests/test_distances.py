@@ -101,8 +101,32 @@ def test_constructor_errors():
 # ---------------------------------------------------------------------------- float16
 
 
+@pytest.mark.parametrize("name", ["l2", "l2_raw", "l2_sq", "l1", "l1_sq_raw"])
+def test_float16_lp_equals_pml_bit_for_bit(name, seed):
+    """Eager float16 L_p is PML's: F.pairwise_distance of every pair (eps included)."""
+    x, r = data(seed, n=40, m=23, dim=64)
+    x, r = x.half(), r.half()
+    ours, ref = our_distance(name), pml_distance(name)
+    for got, want in ((ours(x), ref(x)), (ours(x, r), ref(x, r)),
+                      (torch.jit.script(ours)(x, r), ref(x, r))):
+        assert got.dtype == torch.float16
+        assert torch.equal(got, want)
+
+
+def test_float16_lp_blocks_do_not_change_values(seed):
+    from exportminers.distances.lp_distance import pairwise_matrix
+    x, r = data(seed, n=17, m=11, dim=8)
+    x, r = x.half(), r.half()
+    whole = pairwise_matrix(x, r, 2.0, block_elements=17 * 11 * 8)
+    for block in (1, 8, 88, 89, 1000):
+        assert torch.equal(pairwise_matrix(x, r, 2.0, block_elements=block), whole)
+
+
 @pytest.mark.parametrize("name", ["l2", "l2_raw", "l2_sq", "l1"])
-def test_float16_lp_stable(name, seed):
+def test_float16_lp_export_path_stable(name, seed, monkeypatch):
+    """The exported graph's float16 L_p: computed in float32, rounded once, zero diagonal."""
+    from exportminers import _ops
+    monkeypatch.setattr(_ops, "is_exporting", lambda: True)
     x, r = data(seed, n=40, m=23, dim=64)
     ours = our_distance(name)
     ref_self = pml_distance(name)(x)           # float64 reference
@@ -118,9 +142,11 @@ def test_float16_lp_stable(name, seed):
     assert torch.isfinite(h).all() and (h >= 0).all()
 
 
-def test_float16_near_duplicates_do_not_cancel(seed):
+def test_float16_near_duplicates_do_not_cancel(seed, monkeypatch):
     # |x|^2 + |y|^2 - 2 x.y cancels catastrophically in half precision for close points;
-    # the distance must stay near the float64 value (and never NaN)
+    # the exported graph's distance must stay near the float64 value (and never NaN)
+    from exportminers import _ops
+    monkeypatch.setattr(_ops, "is_exporting", lambda: True)
     base = torch.randn(1, 128, dtype=torch.float64) * 30
     x = torch.cat([base, base + 0.25 * torch.randn(5, 128, dtype=torch.float64)])
     x = x.half().double()  # the reference sees the same (half-representable) inputs

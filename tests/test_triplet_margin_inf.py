@@ -32,9 +32,6 @@ def test_huge_margins_equal_pml(margin, kind, dist, dtype, seed):
     ref = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind,
                                         distance=getattr(pml_d, DISTS[dist])(**KW[dist]))
     scripted = torch.jit.script(ours)
-    # half-precision L2 is computed in float32 and rounded once (README: differences from
-    # PML), so its margins may differ from PML's at 0; check validity there instead
-    parity = not (dtype == torch.float16 and dist.startswith("l2"))
     for _ in range(2):
         x = torch.randn(13, 5).to(dtype)
         y = torch.randint(0, 3, (13,))
@@ -42,8 +39,7 @@ def test_huge_margins_equal_pml(margin, kind, dist, dtype, seed):
         assert _tuples(scripted(x, y)) == _tuples(got)
         assert all(y[i] == y[j] and i != j and y[i] != y[k]
                    for i, j, k in zip(*[t.tolist() for t in got]))
-        if parity:
-            assert _tuples(got) == _tuples(ref(x, y))
+        assert _tuples(got) == _tuples(ref(x, y))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -19,12 +19,17 @@ def lp_distance_matrix(query_emb: Tensor, ref_emb: Tensor, p: float, is_self: bo
     Returns:
         Tensor[N, M] in the inputs' dtype.
 
-    Eager and TorchScript use ``torch.cdist`` (what PML uses, so values match it bit for
-    bit). float16/bfloat16 inputs are computed in float32 and rounded once at the end,
-    so the expansion ``|x|^2 + |y|^2 - 2 x.y`` never cancels in half precision. The
-    exported graph computes the same expansion as ``cdist``'s matmul path explicitly.
+    Eager and TorchScript do what PML does, so values match it bit for bit:
+    ``torch.cdist``, and for float16 (where PML avoids ``cdist``)
+    ``F.pairwise_distance`` of every pair, eps included, in row blocks
+    (:func:`pairwise_matrix`). The exported graph (and bfloat16) computes in float32
+    and rounds once at the end, so the expansion ``|x|^2 + |y|^2 - 2 x.y`` never
+    cancels in half precision; it computes that expansion as ``cdist``'s matmul path
+    does, explicitly.
     """
     dtype = query_emb.dtype
+    if dtype == torch.float16 and not _ops.is_exporting():
+        return pairwise_matrix(query_emb, ref_emb, p)
     half = dtype == torch.float16 or dtype == torch.bfloat16
     q = query_emb.float() if half else query_emb
     r = ref_emb.float() if half else ref_emb
@@ -42,6 +47,22 @@ def lp_distance_matrix(query_emb: Tensor, ref_emb: Tensor, p: float, is_self: bo
     if is_self:
         mat = mat.masked_fill(_ops.diagonal_mask(q, r), 0.0)
     return mat.to(dtype) if half else mat
+
+
+def pairwise_matrix(query_emb: Tensor, ref_emb: Tensor, p: float,
+                    block_elements: int = 16777216) -> Tensor:
+    """``F.pairwise_distance`` (eps 1e-6 included) of every query row with every
+    reference row, in the inputs' dtype: PML's float16 matrix, bit for bit, computed
+    in query blocks of about ``block_elements`` pair elements. Tensor[N, M]."""
+    n, m, d = query_emb.size(0), ref_emb.size(0), query_emb.size(1)
+    out = torch.empty((n, m), dtype=query_emb.dtype, device=query_emb.device)
+    rows = max(1, block_elements // max(1, m * d))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        q = query_emb[s:e].unsqueeze(1).expand(e - s, m, d).reshape(-1, d)
+        r = ref_emb.unsqueeze(0).expand(e - s, m, d).reshape(-1, d)
+        out[s:e] = F.pairwise_distance(q, r, p=p).reshape(e - s, m)
+    return out
 
 
 class LpDistance(BaseDistance):
