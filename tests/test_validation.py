@@ -313,3 +313,50 @@ def test_scripted_miner_called_with_none_stays_usable(name):
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_onnx_noise_values_are_checked(tmp_path):
+    import numpy as np
+    import exportminers
+    from exportminers import miners
+    path = exportminers.export_onnx(miners.MaximumLossMiner(output_batch_size=4),
+                                    str(tmp_path / "m.onnx"), embedding_dim=4)
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((12, 4)).astype(np.float32)
+    y = np.arange(12) % 3
+    shape = om.noise_shape(12, 12)
+    for bad in (np.full(shape, np.nan), -np.ones(shape), np.ones(shape)):
+        with pytest.raises(ValueError, match=r"noise must hold uniform draws in \[0, 1\)"):
+            om(x, y, noise=bad)
+    assert len(om(x, y, noise=np.random.default_rng(2).random(shape))) == 4
+
+
+def test_hdc_external_indices_must_be_1d_integers():
+    from exportminers import miners
+    labels = torch.tensor([0, 0, 1, 1])
+    good = [torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0, 1]), torch.tensor([2, 3])]
+    for i, bad in ((0, torch.tensor([0.9, 1.9])), (3, torch.zeros(2, 2, dtype=torch.long)),
+                   (1, torch.tensor([True, False]))):
+        t = list(good)
+        t[i] = bad
+        with pytest.raises(ValueError, match=rf"external_indices_tuple\[{i}\] must be a 1-D "
+                                             rf"integer tensor"):
+            miners.HDCMiner().set_idx_externally(t, labels)
+    miners.HDCMiner().set_idx_externally(good, labels)
+
+
+@pytest.mark.parametrize("scale,dtype", [(300.0, torch.float16), (1e19, torch.float32)])
+def test_uniform_histogram_overflowing_distances_give_valid_pairs(scale, dtype):
+    """Finite embeddings whose squared distances overflow: no crash (the bin of an inf
+    value was an out-of-range index), only valid pairs."""
+    from exportminers import distances, miners
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 4, generator=g) * scale).to(dtype)
+    y = torch.randint(0, 3, (16,), generator=g)
+    dist = distances.LpDistance(normalize_embeddings=False, power=2)
+    assert torch.isinf(dist(x)).any()
+    a1, p, a2, n = miners.UniformHistogramMiner(num_bins=5, pos_per_bin=3, neg_per_bin=3,
+                                                distance=dist)(x, y)
+    assert len(a1) > 0 and len(a2) > 0
+    assert all(y[i] == y[j] and i != j for i, j in zip(a1.tolist(), p.tolist()))
+    assert all(y[i] != y[j] for i, j in zip(a2.tolist(), n.tolist()))

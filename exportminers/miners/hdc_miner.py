@@ -251,6 +251,13 @@ class HDCMiner(PairKernelMiner):
             t = [t[0], t[1], t[0], t[2]]
         if len(t) != 4:
             raise ValueError("external_indices_tuple must hold 3 (a, p, n) or 4 (a1, p, a2, n) tensors")
+        for i, x in enumerate(t):
+            if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.is_floating_point() \
+                    or x.is_complex() or x.dtype == torch.bool:
+                raise ValueError(
+                    f"external_indices_tuple[{i}] must be a 1-D integer tensor of indices, got "
+                    + (f"shape {list(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor)
+                       else type(x).__name__))
         if t[0].numel() != t[1].numel() or t[2].numel() != t[3].numel():
             raise ValueError("external_indices_tuple holds index tensors of different lengths")
         self.a1 = t[0].to(torch.int64)

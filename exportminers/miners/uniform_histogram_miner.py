@@ -34,6 +34,9 @@ def bin_index(values: Tensor, edges: Tensor, low: Tensor, high: Tensor, num_bins
     step = (high - low) / float(num_bins)
     safe_step = torch.where(step > 0, step, torch.ones_like(step))  # step 0: see below
     guess = torch.floor((values - low) / safe_step)
+    # inf values (overflowed distances) and inf pool ends give NaN: the last bin, never an
+    # out-of-range index
+    guess = torch.where(guess != guess, float(num_bins - 1), guess)
     b = guess.clamp(0, num_bins - 1).to(torch.int64)
     b = b + (values >= edges[b + 1]).to(torch.int64) - (values < edges[b]).to(torch.int64)
     b = b.clamp(0, num_bins - 1)

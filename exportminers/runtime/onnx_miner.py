@@ -353,6 +353,9 @@ class OnnxMiner:
                 raise ValueError(f"noise must have shape {shape}, got {list(noise.shape)}")
             if checks_np.dtype_kind(noise.dtype) != "f":
                 raise ValueError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+            if noise.size and not (bool((noise >= 0).all()) and bool((noise < 1).all())):
+                bad = noise[~((noise >= 0) & (noise < 1))].ravel()[:3].tolist()
+                raise ValueError(f"noise must hold uniform draws in [0, 1), got values such as {bad}")
             return np.ascontiguousarray(noise, dtype=self.noise_dtype)
         rng = self._rng if seed is None else np.random.default_rng(seed)
         return rng.random(shape, dtype=np.float64).astype(self.noise_dtype, copy=False)
