@@ -64,15 +64,22 @@ def _parse_value(text: str) -> Any:
 
 
 def _load_config_file(path: str) -> Dict[str, List[Dict[str, Any]]]:
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--config {path}: cannot read it as UTF-8 text "
+                         f"({type(e).__name__}: {e})") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError:
             raise SystemExit(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
                              f"or write the file as JSON") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SystemExit(f"--config {path}: not valid YAML: {e}") from None
     else:
         try:
             data = json.loads(text)
@@ -86,6 +93,9 @@ def _load_config_file(path: str) -> Dict[str, List[Dict[str, Any]]]:
             cfgs = [cfgs]
         if not isinstance(cfgs, list) or not all(isinstance(c, dict) for c in cfgs):
             raise SystemExit(f"--config {path}: {name}: expected a mapping or a list of mappings")
+        if not cfgs:
+            raise SystemExit(f"--config {path}: {name}: an empty list of configurations "
+                             f"(use {{}} for the default configuration)")
         out[str(name)] = [dict(c) for c in cfgs]
     return out
 
@@ -95,8 +105,10 @@ def plan_exports(miners_arg: Optional[str], config_file: Optional[str],
     """(miner, config index, config, custom) for every graph to export."""
     from . import registry
     names = list(registry.MINERS)
-    if miners_arg:
+    if miners_arg is not None:
         names = [n.strip() for n in miners_arg.split(",") if n.strip()]
+        if not names:
+            raise SystemExit(f"--miners {miners_arg!r}: names no miner")
         unknown = [n for n in names if n not in registry.MINERS]
         if unknown:
             raise SystemExit(f"--miners: unknown {unknown}; built-in miners: {sorted(registry.MINERS)}")
@@ -172,9 +184,20 @@ def run_export(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
     if args.with_ref and args.anchor_blocks:
         raise SystemExit("exportminers export: --with-ref and --anchor-blocks exclude each other")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"--sizes {args.sizes!r}: expected comma-separated batch sizes, "
+                         f"e.g. 13,40") from None
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--sizes {args.sizes!r}: batch sizes must be positive")
     plan = plan_exports(args.miners, args.config, args.set or [])
-    os.makedirs(args.out, exist_ok=True)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out}: exists and is not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot create the folder ({e})") from None
     entries: List[Dict[str, Any]] = []
     failed = 0
     for name, index, cfg, custom in plan:

@@ -495,7 +495,19 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         if not hasattr(miner, attr):
             raise ValueError(
                 f"miner: {name} has no {attr!r}; only built-in (kernel + layout) miners export")
-    if dtype not in _DTYPE_NAMES:
+    for flag, value in (("with_ref", with_ref), ("compact", compact),
+                        ("anchor_blocks", anchor_blocks)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file path (str or os.PathLike), got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"path {os.fspath(path)!r} is a folder; give a file name")
+    try:
+        dtype_known = dtype in _DTYPE_NAMES
+    except TypeError:
+        dtype_known = False
+    if not dtype_known:
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     if embedding_dim is not None:
         try:

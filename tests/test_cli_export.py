@@ -138,3 +138,31 @@ def test_entry_points_help():
 def test_demo(capsys):
     assert _run("demo", "--miner", "PairMarginMiner", "--batch-size", "10") == 0
     assert "same as eager: True" in capsys.readouterr().out
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    """Each mistake exits with a message naming the option, not a traceback."""
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "empty.json").write_text('{"TripletMarginMiner": []}')
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["--config", str(tmp_path / "missing.json")], "--config"),
+        (["--config", str(tmp_path)], "--config"),
+        (["--config", str(tmp_path / "bin.json")], "--config"),
+        (["--config", str(tmp_path / "empty.json")], "empty list"),
+        (["--sizes", "a,b"], "--sizes"),
+        (["--sizes=-3,5"], "--sizes"),
+        (["--miners", ",,"], "--miners"),
+        (["--out", str(tmp_path / "afile"), "--miners", "BatchHardMiner"], "--out"),
+    ]
+    try:
+        import yaml  # noqa: F401
+        cases.append((["--config", str(tmp_path / "bad.yaml")], "not valid YAML"))
+    except ImportError:
+        pass
+    for extra, needle in cases:
+        argv = ["export", "--out", str(tmp_path / "o"), "--no-verify"] + extra
+        with pytest.raises(SystemExit) as e:
+            _run(*argv)
+        assert needle in str(e.value.code), (extra, e.value.code)

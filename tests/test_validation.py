@@ -360,3 +360,21 @@ def test_uniform_histogram_overflowing_distances_give_valid_pairs(scale, dtype):
     assert len(a1) > 0 and len(a2) > 0
     assert all(y[i] == y[j] and i != j for i, j in zip(a1.tolist(), p.tolist()))
     assert all(y[i] != y[j] for i, j in zip(a2.tolist(), n.tolist()))
+
+
+def test_boolean_flags_must_be_bools(tmp_path):
+    import exportminers
+    from exportminers import miners
+    for kw in ({"normalize_embeddings": "no"}, {"use_similarity": "yes"},
+               {"squared_distances": 1}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            miners.TripletMarginMiner(**kw)
+    for kw in ({"with_ref": "no"}, {"compact": "yes"}, {"anchor_blocks": 1}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be True or False"):
+            exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"), **kw)
+    with pytest.raises(ValueError, match="is a folder"):
+        exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path))
+    with pytest.raises(ValueError, match="path must be a file path"):
+        exportminers.export_onnx(miners.BatchHardMiner(), None)
+    with pytest.raises(ValueError, match="dtype"):
+        exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"), dtype=[1])

@@ -38,6 +38,13 @@ def resolve_distance(distance, default: BaseDistance, normalize_embeddings: Opti
     Older API: ``use_similarity`` -> dot product of (optionally normalised) embeddings;
     ``squared_distances`` -> squared L2; ``normalize_embeddings`` applies to either.
     """
+    for flag, value in (("use_similarity", use_similarity),
+                        ("squared_distances", squared_distances)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
+        raise ValueError(f"normalize_embeddings must be True, False or None, got "
+                         f"{normalize_embeddings!r}")
     legacy = normalize_embeddings is not None or use_similarity or squared_distances
     if distance is not None:
         if legacy:
