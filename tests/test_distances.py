@@ -167,3 +167,15 @@ def test_float16_similarities(name, seed):
     assert h.dtype == torch.float16
     scale = float(ref.abs().max())
     assert torch.allclose(h.double(), ref, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_distance_input_errors_name_the_argument():
+    x = torch.randn(4, 5)
+    cases = [((x, torch.randn(3, 6)), "ref_emb has embedding size 6 but query_emb has 5"),
+             ((x, torch.randn(2, 3, 5)), "ref_emb must be a 2D tensor"),
+             ((torch.randn(5),), "query_emb must be a 2D tensor"),
+             ((x.numpy(),), "query_emb must be a torch.Tensor")]
+    for cls in (D.LpDistance, D.CosineSimilarity, D.DotProductSimilarity, D.SNRDistance):
+        for args, msg in cases:
+            with pytest.raises(ValueError, match=msg):
+                cls()(*args)

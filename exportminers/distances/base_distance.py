@@ -9,6 +9,13 @@ from .. import _ops
 from ..utils.checks import check_number
 
 
+@torch.jit.unused
+def _check_tensors(query_emb, ref_emb) -> None:
+    for value, name in ((query_emb, "query_emb"), (ref_emb, "ref_emb")):
+        if not isinstance(value, torch.Tensor) and not (name == "ref_emb" and value is None):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 class BaseDistance(torch.nn.Module):
     """Pairwise distance (or similarity) matrix between two sets of embeddings.
 
@@ -38,10 +45,18 @@ class BaseDistance(torch.nn.Module):
         self.collect_stats = bool(collect_stats)
 
     def forward(self, query_emb: Tensor, ref_emb: Optional[Tensor] = None) -> Tensor:
-        if query_emb.dim() != 2 or (ref_emb is not None and ref_emb.dim() != 2):
-            raise ValueError(
-                "embeddings must be a 2D tensor of shape (batch_size, embedding_size)"
-            )
+        if not torch.jit.is_scripting():
+            _check_tensors(query_emb, ref_emb)
+        if query_emb.dim() != 2:
+            raise ValueError(f"query_emb must be a 2D tensor of shape (batch_size, "
+                             f"embedding_size), got shape {list(query_emb.shape)}")
+        if ref_emb is not None:
+            if ref_emb.dim() != 2:
+                raise ValueError(f"ref_emb must be a 2D tensor of shape (batch_size, "
+                                 f"embedding_size), got shape {list(ref_emb.shape)}")
+            if ref_emb.size(1) != query_emb.size(1):
+                raise ValueError(f"ref_emb has embedding size {ref_emb.size(1)} but query_emb "
+                                 f"has {query_emb.size(1)}; they must match")
         q = self.maybe_normalize(query_emb)
         if ref_emb is None:
             mat = self.compute_mat(q, q, True)
