@@ -378,3 +378,20 @@ def test_boolean_flags_must_be_bools(tmp_path):
         exportminers.export_onnx(miners.BatchHardMiner(), None)
     with pytest.raises(ValueError, match="dtype"):
         exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"), dtype=[1])
+
+
+def test_onnx_seed_must_be_a_non_negative_integer(tmp_path):
+    import numpy as np
+    import exportminers
+    from exportminers import miners
+    path = exportminers.export_onnx(miners.MaximumLossMiner(output_batch_size=4),
+                                    str(tmp_path / "m.onnx"), embedding_dim=4)
+    x = np.random.default_rng(1).standard_normal((12, 4)).astype(np.float32)
+    y = np.arange(12) % 3
+    for bad in ("a", -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"], seed=bad)
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])(x, y, seed=bad)
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"], seed=np.int64(3))
+    assert np.array_equal(om(x, y, seed=7), om(x, y, seed=7))

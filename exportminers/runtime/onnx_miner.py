@@ -72,6 +72,16 @@ def _positive_int_or_none(value, name: str) -> Optional[int]:
     return int(value)
 
 
+def _check_seed(seed):
+    """None or a non-negative integer (Python or numpy; not a bool)."""
+    import numbers
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
 class OnnxMiner:
     """A miner exported by :func:`exportminers.export_onnx`, run with ONNX Runtime.
 
@@ -162,7 +172,7 @@ class OnnxMiner:
             if "noise" in graph_inputs else None
         self.providers: List[str] = self.session.get_providers()
         self.on_cuda: bool = self.providers[0] == "CUDAExecutionProvider"
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(_check_seed(seed))
         self.chunk_size = _positive_int_or_none(chunk_size, "chunk_size")
         self.max_block_elements = _positive_int_or_none(max_block_elements, "max_block_elements")
         if self.chunk_size is not None and self.max_block_elements is not None:
@@ -357,7 +367,7 @@ class OnnxMiner:
                 bad = noise[~((noise >= 0) & (noise < 1))].ravel()[:3].tolist()
                 raise ValueError(f"noise must hold uniform draws in [0, 1), got values such as {bad}")
             return np.ascontiguousarray(noise, dtype=self.noise_dtype)
-        rng = self._rng if seed is None else np.random.default_rng(seed)
+        rng = self._rng if seed is None else np.random.default_rng(_check_seed(seed))
         return rng.random(shape, dtype=np.float64).astype(self.noise_dtype, copy=False)
 
     def _empty(self, n: int, m: int, return_raw: bool, like=None):
