@@ -197,6 +197,155 @@ def _angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h_pn: Ten
     return torch.atan(ratio) > angle
 
 
+# ---------------------------------------------------------------------------------
+# Eager/TorchScript exactness: the float64 Gram ratio decides every triplet whose
+# decision it proves; the rest are recomputed with PML's own operations.
+# ---------------------------------------------------------------------------------
+
+
+def _dtype_consts(dtype: torch.dtype) -> Tuple[float, float, float, float, float]:
+    """``(unit roundoff, smallest subnormal, and the same two for the norm's
+    accumulation, largest magnitude of |a| + |p| + |n| kept clear of overflow)``."""
+    if dtype == torch.float16:   # pairwise_distance accumulates half in float32
+        return 2.0 ** -11, 2.0 ** -24, 2.0 ** -24, 2.0 ** -149, 65504.0 / 8.0
+    if dtype == torch.float32:
+        return (2.0 ** -24, 2.0 ** -149, 2.0 ** -24, 2.0 ** -149,
+                math.sqrt(3.4028234663852886e38) / 8.0)
+    return 2.0 ** -53, 5e-324, 2.0 ** -53, 5e-324, math.sqrt(1.7976931348623157e308) / 8.0
+
+
+def _ratio_thresholds(angle: float, u: float, den: float) -> Tuple[float, float]:
+    """``(t_lo, t_hi)``: PML's test ``atan(r) > angle`` (atan within 1 ulp of the input
+    dtype, angle rounded to it) is False for every ``r < t_lo`` and True for every
+    ``r > t_hi`` (r >= 0). Margins of 8 ulps of the angle plus 4 subnormals."""
+    slack = 8.0 * u * abs(angle) + 4.0 * den + 64.0 * 2.0 ** -53 * abs(angle)
+    hi_angle = angle + slack
+    lo_angle = angle - slack
+    half_pi = math.pi / 2
+    if hi_angle >= half_pi:
+        t_hi = math.inf
+    elif hi_angle < 0.0:
+        t_hi = -math.inf
+    else:
+        t_hi = math.tan(hi_angle) * (1.0 + 1e-12)
+    if lo_angle <= 0.0:
+        t_lo = -math.inf
+    elif lo_angle >= half_pi:
+        t_lo = math.inf
+    else:
+        t_lo = math.tan(lo_angle) * (1.0 - 1e-12)
+    return t_lo, t_hi
+
+
+def _exact_angles(anchors: Tensor, refs: Tensor, ai: Tensor, pi: Tensor, ni: Tensor,
+                  angle: float) -> Tensor:
+    """PML's own computation, bit for bit: ``atan(|a - p| / (2 |n - c|)) > angle`` with
+    ``c = (a + p) / 2`` and ``torch.nn.functional.pairwise_distance`` in the input dtype."""
+    a = anchors[ai]
+    p = refs[pi]
+    n = refs[ni]
+    centers = (a + p) / 2
+    ap_dist = torch.nn.functional.pairwise_distance(a, p, 2.0)
+    nc_dist = torch.nn.functional.pairwise_distance(n, centers, 2.0)
+    return torch.atan(ap_dist / (2 * nc_dist)) > angle
+
+
+def _exact_block(g: Tensor, c_sq: Tensor, a_sum: Tensor, h_pn: Tensor, ne_sq: Tensor,
+                 p_sum: Tensor, ap_sq: Tensor, a_nrm: Tensor, p_nrm: Tensor, r_nrm: Tensor,
+                 anchors: Tensor, refs: Tensor, cols: Tensor, live: Tensor,
+                 angle: float) -> Tensor:
+    """Eager/TorchScript angle test of anchors ``anchors`` ([b, D]) against positive
+    candidates ``cols`` [b, P] and every negative, equal to PML's.
+
+    Args:
+        g, c_sq, a_sum, h_pn, ne_sq, p_sum: as :func:`_angle_ratio` (c_sq [b, P]).
+        ap_sq: [b, P] float64 ``|a - p + eps|^2`` (Gram); a_nrm [b], p_nrm [b, P],
+            r_nrm [M]: float64 norms; refs: Tensor[M, D] (input dtype).
+        live: [b, P, M] bool, the triplets to decide (others come back False).
+
+    The float64 Gram ratio brackets PML's ratio: the true ``|a - p + eps|`` lies within
+    ``sqrt(ap_sq -+ E)`` where ``E = 4 (D + 16) 2^-53 (|a| + |p| + eps sqrt(D))^2`` bounds
+    the expansion's rounding (each Gram term's sum of |products| times gamma_D, plus the
+    combining additions); likewise ``|n - c + eps|`` with ``(|n| + (|a| + |p|) / 2 +
+    eps sqrt(D))^2``. PML's input-dtype result lies within ``4 ((4 u + (D + 2) u_acc) |t| + 2 u
+    (eps sqrt(D) + |c|) + floor)`` of the true norm ``|t|`` (u the dtype's unit roundoff,
+    u_acc the norm accumulation's, float32 for half: the elementwise subtraction, eps
+    addition and centre, the sum of D squares, the square root, the final rounding;
+    floor covers subnormals), and its quotient within 8 u more. Triplets
+    whose bracket lies above or below the threshold's ratio bounds (see
+    :func:`_ratio_thresholds`) are decided by it; the rest, and any near overflow, are
+    recomputed with PML's operations (:func:`_exact_angles`) in chunks.
+    """
+    gram_slack = 4.0   # times the float64 Gram expansion's worst-case rounding error
+    pml_slack = 4.0    # times the worst-case rounding error of PML's input-dtype arithmetic
+    dtype = anchors.dtype
+    u, den, u_acc, den_acc, big = _dtype_consts(dtype)
+    d = float(anchors.size(1))
+    eps = 1e-6
+    s_d = eps * math.sqrt(d)
+    gram = gram_slack * (d + 16.0) * 2.0 ** -53
+    # elementwise ops (2 u), sum of D squares and sqrt ((D/2 + 2) u_acc), rounding (u)
+    rel = pml_slack * (4.0 * u + (d + 2.0) * u_acc)
+    floor = 4.0 * math.sqrt(d) * den + math.sqrt(d * den_acc)
+    t_lo, t_hi = _ratio_thresholds(angle, u, den)
+    e64 = _ops.f64(eps, g)
+    # |a - p + eps|: [b, P]
+    m_ap = a_nrm.unsqueeze(1) + p_nrm + s_d
+    e_ap = gram * m_ap * m_ap
+    l_ap = (ap_sq - e_ap).clamp(min=0.0).sqrt()
+    u_ap = (ap_sq + e_ap).sqrt()
+    lo_ap = (l_ap - rel * u_ap - pml_slack * (2.0 * u * s_d + floor)).clamp(min=0.0)
+    hi_ap = u_ap * (1.0 + rel) + pml_slack * (2.0 * u * s_d + floor)
+    # |n - c + eps|: [b, P, M]
+    s_c = (a_nrm.unsqueeze(1) + p_nrm) / 2.0
+    nc_sq = ne_sq.view(1, 1, -1) + c_sq.unsqueeze(2) - g.unsqueeze(1) - h_pn \
+        - e64 * (a_sum.view(-1, 1, 1) + p_sum)
+    m_nc = r_nrm.view(1, 1, -1) + (s_c + s_d).unsqueeze(2)
+    over = m_nc >= big / 2.0          # |a| + |p| + |n| may near the dtype's range
+    e_nc = gram * m_nc * m_nc
+    l_nc = (nc_sq - e_nc).clamp(min=0.0).sqrt()
+    u_nc = (nc_sq + e_nc).sqrt()
+    del nc_sq, e_nc, m_nc
+    pad = (pml_slack * (2.0 * u * (s_d + s_c) + floor)).unsqueeze(2)
+    lo_nc = (l_nc - rel * u_nc - pad).clamp(min=0.0)
+    hi_nc = u_nc * (1.0 + rel) + pad
+    del l_nc, u_nc
+    q = 8.0 * u + 64.0 * 2.0 ** -53
+    lo = lo_ap.unsqueeze(2) / (2.0 * hi_nc) * (1.0 - q) - den
+    hi = hi_ap.unsqueeze(2) / (2.0 * lo_nc) * (1.0 + q) + den
+    del lo_nc, hi_nc
+    sure = (lo > t_hi) & (lo_ap > 0.0).unsqueeze(2)
+    unsure = ~(sure | (hi < t_lo)) | over
+    del lo, hi
+    out = sure & ~over & live
+    unsure = unsure & live
+    idx = unsure.nonzero()
+    k = idx.size(0)
+    if k > 0:
+        per = max(1, 1048576 // max(1, anchors.size(1)))
+        for s in range(0, k, per):
+            e = min(k, s + per)
+            ib = idx[s:e]
+            pi = cols[ib[:, 0], ib[:, 1]]
+            sel = _exact_angles(anchors, refs, ib[:, 0], pi, ib[:, 2], angle)
+            out[ib[:, 0], ib[:, 1], ib[:, 2]] = sel
+    return out
+
+
+def exact_terms(anchors: Tensor, refs: Tensor, g: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+    """Eager-only extras for :func:`_exact_block`: ``([ap_sq, a_nrm, anchors], [r_nrm,
+    refs])`` (``ap_sq`` the float64 ``|a - p + eps|^2`` of :func:`angular_terms`)."""
+    a = anchors.to(torch.float64)
+    r = refs.to(torch.float64)
+    eps = _ops.f64(1e-6, a)
+    d = _ops.width_of(a)
+    a_sq = (a * a).sum(1)
+    r_sq = (r * r).sum(1)
+    ap_sq = a_sq.unsqueeze(1) + r_sq.unsqueeze(0) + d * eps * eps - 2.0 * g \
+        + 2.0 * eps * (a.sum(1).unsqueeze(1) - r.sum(1).unsqueeze(0))
+    return [ap_sq, a_sq.sqrt(), anchors], [r_sq.sqrt(), refs]
+
+
 def angle_sums(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Tensor,
                angle: float) -> List[float]:
     """Sums over every triplet the masks allow of its angle (radians, as the kernel
@@ -289,11 +438,28 @@ class AngularMiner(DenseTripletKernelMiner):
         refs = embeddings if ref_emb is None else ref_emb
         pos, neg = lmu.pair_masks(labels, ref_labels, anchor_ids)
         rows, shared = angular_terms(embeddings, refs)
-        return rows + [pos, neg], shared
+        if _ops.is_exporting():
+            return rows + [pos, neg], shared
+        # eager/TorchScript: what the exact recheck needs (rows[6:], shared[3:])
+        extra_rows, extra_shared = exact_terms(embeddings, refs, rows[0])
+        return rows + [pos, neg] + extra_rows, shared + extra_shared
 
     def block_kernel(self, rows: List[Tensor], shared: List[Tensor],
                      noise: Optional[Tensor]) -> List[Tensor]:
-        return [angular_block(rows[:4], shared, rows[4], rows[5], self.angle, self.cuts)]
+        if _ops.is_exporting() or len(rows) < 9:
+            return [angular_block(rows[:4], shared[:3], rows[4], rows[5], self.angle,
+                                  self.cuts)]
+        # eager dense kernel: the exact test over every (positive, negative) column
+        n_rows, m = rows[0].size(0), rows[0].size(1)
+        cols = torch.arange(m, device=rows[0].device).unsqueeze(0).expand(n_rows, m)
+        out = torch.empty((n_rows, m, m), dtype=torch.bool, device=rows[0].device)
+        per = max(1, 2097152 // max(1, m * m))
+        for s in range(0, n_rows, per):
+            e = min(n_rows, s + per)
+            valid = torch.ones((e - s, m), dtype=torch.bool, device=rows[0].device)
+            out[s:e] = self.positive_block(rows, shared, cols[s:e], valid, s, e) & \
+                rows[4][s:e].unsqueeze(2)
+        return [out]
 
     def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
         return rows[4]
@@ -303,15 +469,16 @@ class AngularMiner(DenseTripletKernelMiner):
 
     def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
                        valid: Tensor, start: int, stop: int) -> Tensor:
-        # per-(anchor, positive) terms gathered to the candidates: same operations as
-        # the dense kernel, so the same angles
-        g, c_sq, ap = rows[0][start:stop], rows[1][start:stop], rows[2][start:stop]
+        # per-(anchor, positive) terms gathered to the candidates: the Gram ratio decides
+        # what it proves, PML's own operations the rest (see _exact_block)
+        g, c_sq = rows[0][start:stop], rows[1][start:stop]
         a_sum, neg = rows[3][start:stop], rows[5][start:stop]
-        h, ne_sq, r_sum = shared[0], shared[1], shared[2]
-        mask = _angles_exceed(g, torch.gather(c_sq, 1, cols), torch.gather(ap, 1, cols),
-                              a_sum, h[cols], ne_sq, r_sum[cols].unsqueeze(2), self.angle,
-                              self.cuts)
-        return mask & valid.unsqueeze(2) & neg.unsqueeze(1)
+        ap_sq, a_nrm, anchors = rows[6][start:stop], rows[7][start:stop], rows[8][start:stop]
+        h, ne_sq, r_sum, r_nrm, refs = shared[0], shared[1], shared[2], shared[3], shared[4]
+        live = valid.unsqueeze(2) & neg.unsqueeze(1)
+        return _exact_block(g, torch.gather(c_sq, 1, cols), a_sum, h[cols], ne_sq,
+                            r_sum[cols].unsqueeze(2), torch.gather(ap_sq, 1, cols), a_nrm,
+                            r_nrm[cols], r_nrm, anchors, refs, cols, live, self.angle)
 
     def extra_repr(self) -> str:
         return f"angle={self.angle_degrees:g}"
