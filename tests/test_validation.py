@@ -395,3 +395,15 @@ def test_onnx_seed_must_be_a_non_negative_integer(tmp_path):
             exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])(x, y, seed=bad)
     om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"], seed=np.int64(3))
     assert np.array_equal(om(x, y, seed=7), om(x, y, seed=7))
+
+
+def test_onnx_miner_load_errors_and_provider_string(tmp_path):
+    import exportminers
+    from exportminers import miners
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="cannot load it as an ONNX model"):
+        exportminers.OnnxMiner(str(junk), providers=["CPUExecutionProvider"])
+    path = exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"))
+    om = exportminers.OnnxMiner(path, providers="CPUExecutionProvider")
+    assert om.providers == ["CPUExecutionProvider"]

@@ -140,9 +140,18 @@ class OnnxMiner:
         if providers is None:
             providers = ["CUDAExecutionProvider"] if _strict_gpu(session_options) \
                 else default_providers()
-        self.session = ort.InferenceSession(
-            self.path, sess_options=session_options, providers=list(providers),
-            provider_options=provider_options)
+        elif isinstance(providers, str):   # one provider name, not its characters
+            providers = [providers]
+        try:
+            self.session = ort.InferenceSession(
+                self.path, sess_options=session_options, providers=list(providers),
+                provider_options=provider_options)
+        except Exception as e:
+            if type(e).__name__ in ("InvalidProtobuf", "InvalidGraph", "Fail", "InvalidArgument",
+                                    "NoSuchFile"):
+                raise ValueError(f"path {self.path!r}: ONNX Runtime cannot load it as an ONNX "
+                                 f"model ({type(e).__name__}: {str(e).strip()[:300]})") from e
+            raise
         meta = md.decode(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.metadata: Dict[str, Any] = meta
         self.miner_name: str = meta[md.MINER]
