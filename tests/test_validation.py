@@ -407,3 +407,14 @@ def test_onnx_miner_load_errors_and_provider_string(tmp_path):
     path = exportminers.export_onnx(miners.BatchHardMiner(), str(tmp_path / "m.onnx"))
     om = exportminers.OnnxMiner(path, providers="CPUExecutionProvider")
     assert om.providers == ["CPUExecutionProvider"]
+
+
+def test_maximum_loss_miner_loss_function_must_return_a_scalar():
+    from exportminers import miners
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    for bad in (lambda e, l, t: None, lambda e, l, t: "high", lambda e, l, t: e.sum(1)):
+        with pytest.raises(ValueError, match="loss_function must return one number"):
+            miners.MaximumLossMiner(loss_function=bad, output_batch_size=4)(x, y)
+    idx = miners.MaximumLossMiner(loss_function=lambda e, l, t: float(e.sum()),
+                                  output_batch_size=4)(x, y)
+    assert idx.shape == (4,)

@@ -11,6 +11,22 @@ from ..utils.checks import check_inputs, check_positive_int
 from .base_miner import BasePreGradientMiner, KernelMinerMixin
 
 
+@torch.jit.unused
+def _check_loss_value(value) -> None:
+    """Eager: the loss function returned one real number (a 1-element tensor or a float)."""
+    import numbers
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            return
+        what = f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    else:
+        what = type(value).__name__
+    raise ValueError(f"loss_function must return one number (a scalar loss) for a subset, "
+                     f"got {what}")
+
+
 class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
     """A pre-gradient miner (older PML API): draws ``num_trials`` random subsets of
     ``output_batch_size`` batch indices (with replacement), computes
@@ -80,7 +96,10 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
             emb = embeddings[idx]
             if self.normalize:   # row-wise, so only the sampled rows need it
                 emb = _ops.normalize(emb, 2.0)
-            losses.append(torch.as_tensor(self._subset_loss(emb, labels[idx])).reshape(()))
+            value = self._subset_loss(emb, labels[idx])
+            if not torch.jit.is_scripting():
+                _check_loss_value(value)
+            losses.append(torch.as_tensor(value).reshape(()))
         best = torch.argmax(torch.stack(losses).to(torch.float64)).reshape(1)
         chosen = torch.index_select(subsets, 0, best).reshape(-1)
         return [chosen >= 0, chosen]
