@@ -6,14 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ops
-from ..utils.checks import check_number
-
-
-@torch.jit.unused
-def _check_tensors(query_emb, ref_emb) -> None:
-    for value, name in ((query_emb, "query_emb"), (ref_emb, "ref_emb")):
-        if not isinstance(value, torch.Tensor) and not (name == "ref_emb" and value is None):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+from ..utils.checks import check_number, require_tensors
 
 
 class BaseDistance(torch.nn.Module):
@@ -46,7 +39,7 @@ class BaseDistance(torch.nn.Module):
 
     def forward(self, query_emb: Tensor, ref_emb: Optional[Tensor] = None) -> Tensor:
         if not torch.jit.is_scripting():
-            _check_tensors(query_emb, ref_emb)
+            require_tensors([("query_emb", query_emb, False), ("ref_emb", ref_emb, True)])
         if query_emb.dim() != 2:
             raise ValueError(f"query_emb must be a 2D tensor of shape (batch_size, "
                              f"embedding_size), got shape {list(query_emb.shape)}")

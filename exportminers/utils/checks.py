@@ -82,17 +82,17 @@ def check_labels(labels: Tensor, name: str, n: int, emb_name: str) -> None:
 
 
 @torch.jit.unused
-def check_tensor_types(embeddings, labels, ref_emb, ref_labels) -> None:
-    """Eager calls: every input is a torch tensor (ref_* may be None)."""
-    for value, name, optional in ((embeddings, "embeddings", False), (labels, "labels", False),
-                                  (ref_emb, "ref_emb", True), (ref_labels, "ref_labels", True)):
+def require_tensors(named) -> None:
+    """Eager calls: each ``(name, value, optional)`` is a torch tensor (or None where
+    optional), else a ValueError naming it."""
+    for name, value, optional in named:
         if value is None and optional:
             continue
         if not isinstance(value, torch.Tensor):
             hint = " (exportminers.OnnxMiner takes numpy arrays)" \
                 if type(value).__module__ == "numpy" else ""
             raise ValueError(f"{name} must be a torch.Tensor, got "
-                            f"{type(value).__name__}{hint}")
+                             f"{type(value).__name__}{hint}")
 
 
 def check_inputs(
@@ -112,7 +112,8 @@ def check_inputs(
         (embeddings, labels as int64, ref_emb, ref_labels as int64 or None)
     """
     if not torch.jit.is_scripting():   # TorchScript's signature already checks types
-        check_tensor_types(embeddings, labels, ref_emb, ref_labels)
+        require_tensors([("embeddings", embeddings, False), ("labels", labels, False),
+                         ("ref_emb", ref_emb, True), ("ref_labels", ref_labels, True)])
     if embeddings is None:
         raise ValueError("embeddings is required, got None")
     if labels is None:
