@@ -127,6 +127,9 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     g, c_sq, ap, a_sum = rows[0], rows[1], rows[2], rows[3]
     h, ne_sq, r_sum = shared[0], shared[1], shared[2]
     if _ops.is_exporting():
+        cut = _pick_cut(cuts, ap.dtype)
+        if cut >= 0.0:
+            return _graph_angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, pos, neg, cut)
         return _angles_exceed(g, c_sq, ap, a_sum, h.unsqueeze(0), ne_sq,
                               r_sum.view(1, -1, 1), angle, cuts) & lmu.triplet_mask(pos, neg)
     n_rows, m = g.size(0), g.size(1)
@@ -140,6 +143,46 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
                                   ne_sq, r_sum.view(1, -1, 1), angle, cuts) & \
             lmu.triplet_mask(pos[s:e], neg[s:e])
     return out
+
+
+def _graph_angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor,
+                         ne_sq: Tensor, r_sum: Tensor, pos: Tensor, neg: Tensor,
+                         cut: float) -> Tensor:
+    """The exported graph's angle test for a cut-off ``cut >= 0`` (see :func:`atan_cut`),
+    with one float64 [N, M, M] temporary and one bool result.
+
+    ``ap / (2 |n - c|) > cut`` with ``ap > 0`` is ``|n - c|^2 < T = ap^2 / (4 cut^2)``
+    (``T = inf`` for ``cut = 0``, ``-inf`` for ``cut = inf``; ``ap = 0`` never passes), and ``|n - c + eps|^2``
+    splits into per-(anchor, positive), per-(positive, negative) and per-(anchor,
+    negative) terms, so the test is ``(|n + eps|^2 - p.n) - a.n < T - (|c|^2 - eps
+    (sum(a) + sum(p)))``: one broadcast subtraction and one comparison over the cube.
+    Masked pairs enter as infinities (a non-positive: right side -inf; a non-negative:
+    ``a.n = -inf``), so no mask cube is built. The comparison is the eager test up to the
+    rounding of its last input-dtype steps (ties at the threshold; graphs are checked with
+    a perturbation tolerance, :mod:`exportminers.verify`).
+
+    Args:
+        g: [N, M] a.r; c_sq: [N, M] |c|^2; ap: [N, M] |a - p + eps| (input dtype);
+            a_sum: [N]; h: [M, M] r.r; ne_sq: [M] |r + eps|^2; r_sum: [M];
+            pos, neg: [N, M] bool.
+
+    Returns:
+        Tensor[N, M(positive), M(negative)] bool.
+    """
+    eps = _ops.f64(1e-6, g)
+    ap64 = ap.to(torch.float64)
+    inf = _ops.f64(float("inf"), g)
+    if math.isinf(cut):      # the angle test holds for no ratio
+        bound = (-inf).expand_as(ap64)
+    elif cut > 0.0:
+        bound = ap64 * ap64 / _ops.f64(4.0 * cut * cut, g)
+    else:
+        bound = inf.expand_as(ap64)
+    right = bound - (c_sq - eps * (a_sum.unsqueeze(1) + r_sum.unsqueeze(0)))
+    right = torch.where(pos & (ap64 > 0.0), right, -inf)                 # [N, M(p)]
+    left_pn = ne_sq.unsqueeze(0) - h                                      # [M(p), M(n)]
+    g_neg = torch.where(neg, g, -inf)                                     # [N, M(n)]
+    return (left_pn.unsqueeze(0) - g_neg.unsqueeze(1)) < right.unsqueeze(2)
 
 
 def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float,
