@@ -71,3 +71,55 @@ def test_triplet_miner_blocks_match_single_block():
     pos = same & ~torch.eye(70, dtype=torch.bool)
     cube = pos[:, :, None] & ~same[:, None, :] & ((mat[:, None, :] - mat[:, :, None]) <= 0.3)
     assert torch.equal(torch.stack([a, p, n], 1), torch.nonzero(cube))
+
+
+ORT_PROBE = textwrap.dedent("""
+    import json, resource, sys, tempfile
+    import numpy as np
+    import exportminers as em
+    name, n = sys.argv[1], int(sys.argv[2])
+    path = tempfile.mktemp(suffix=".onnx")
+    em.export_onnx(getattr(em.miners, name)(), path)
+    om = em.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) // 8
+    x = (rng.standard_normal((n // 8, 16))[labels]
+         + 0.3 * rng.standard_normal((n, 16))).astype(np.float32)
+    om(x[:16], labels[:16])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        out = om(x, labels)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"delta_bytes": (after - before) * 1024, "triplets": len(out[0])}))
+""")
+
+
+@pytest.mark.parametrize("name,n,cube_bytes", [("TripletMarginMiner", 600, 1),
+                                                ("AngularMiner", 400, 8)])
+def test_onnx_runtime_repeated_calls_stay_at_one_cube(name, n, cube_bytes):
+    """Repeated OnnxMiner calls on the CPU stay near the graph's one [N, N, N] tensor
+    (bool for TripletMargin, float64 for Angular): ONNX Runtime's default arena and memory
+    pattern need about twice a call's memory from the second call on, and Angular's
+    former graph held several float64 cubes at once (exportminers.runtime.arena)."""
+    cube = cube_bytes * n ** 3
+    res = subprocess.run([sys.executable, "-c", ORT_PROBE, name, str(n)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    budget = cube + n ** 3 + 128 * 2**20   # the cube, the bool output, O(N^2) terms
+    assert got["delta_bytes"] < budget, (got, budget)
+
+
+def test_lean_cpu_options_only_when_not_given(tmp_path):
+    import onnxruntime as ort
+
+    import exportminers as em
+
+    path = str(tmp_path / "bh.onnx")
+    em.export_onnx(em.miners.BatchHardMiner(), path)
+    lean = em.OnnxMiner(path, providers=["CPUExecutionProvider"]).session.get_session_options()
+    assert lean.enable_mem_pattern is False
+    assert lean.get_session_config_entry("session.use_env_allocators") == "1"
+    mine = ort.SessionOptions()
+    given = em.OnnxMiner(path, providers="CPUExecutionProvider", session_options=mine)
+    assert given.session.get_session_options().enable_mem_pattern is True

@@ -89,7 +89,9 @@ class BlockRunner:
                     str(self.path), so,
                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         else:
-            self.sess = ort.InferenceSession(str(self.path), so,
+            from ..runtime.arena import lean_cpu_options   # repeated calls at one call's peak
+
+            self.sess = ort.InferenceSession(str(self.path), lean_cpu_options(ort, so),
                                              providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import checks_np, decode_np
+from . import arena, checks_np, decode_np
 from . import metadata as md
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -91,7 +91,11 @@ class OnnxMiner:
             offers it (``onnxruntime-gpu``), else CPU. With
             ``session.disable_cpu_ep_fallback = "1"`` in ``session_options`` the default
             is ``["CUDAExecutionProvider"]`` alone (the two may not be combined).
-        session_options: an ``onnxruntime.SessionOptions``.
+        session_options: an ``onnxruntime.SessionOptions``, used as given. Without it, a
+            CPU-only session uses a process-wide CPU arena that grows by what is requested
+            and no memory pattern, which keeps repeated calls at one call's peak memory
+            (ONNX Runtime's defaults need about twice that, see
+            :mod:`exportminers.runtime.arena`).
         seed: seeds the numpy generator (``numpy.random.default_rng``) that draws the
             uniform noise of random miners; calls draw successively from it, so two
             ``OnnxMiner`` objects built with the same seed return the same sequence.
@@ -142,6 +146,8 @@ class OnnxMiner:
                 else default_providers()
         elif isinstance(providers, str):   # one provider name, not its characters
             providers = [providers]
+        if session_options is None and arena.cpu_only(list(providers)):
+            session_options = arena.lean_cpu_options(ort)   # see exportminers.runtime.arena
         try:
             self.session = ort.InferenceSession(
                 self.path, sess_options=session_options, providers=list(providers),
