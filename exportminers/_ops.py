@@ -144,6 +144,12 @@ def normalize(x: Tensor, p: float) -> Tensor:
 def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
     """Row-wise masked max/min with a validity flag.
 
+    The chosen column is always a candidate: where every candidate equals the fill value
+    (+inf candidates of a min, -inf of a max, e.g. SNR distances of a constant row), the
+    first candidate is taken, not the first masked column (PML's sentinels pick a masked
+    column there). A NaN candidate wins, as in torch.max/min (the row's first NaN), also
+    in exported graphs, whose ArgMax/ArgMin leave NaN to the runtime.
+
     Args:
         values: Tensor[N, M].
         mask: Tensor[N, M] bool, candidates.
@@ -154,11 +160,24 @@ def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
         valid Tensor[N] bool)
     """
     fill = float("-inf") if largest else float("inf")
-    filled = values.masked_fill(~mask, fill)
+    exporting = is_exporting()
+    nan = mask
+    if exporting:   # NaN candidates leave the reduction and come back below
+        nan = torch.isnan(values) & mask
+        filled = values.masked_fill(~mask | nan, fill)
+    else:
+        filled = values.masked_fill(~mask, fill)
     if largest:
         ext, idx = torch.max(filled, dim=1)
     else:
         ext, idx = torch.min(filled, dim=1)
+    first_candidate = torch.argmax(mask.to(values.dtype), dim=1)
+    idx = torch.where(ext == fill, first_candidate, idx)
+    if exporting:
+        has_nan = nan.any(dim=1)
+        first_nan = torch.argmax(nan.to(values.dtype), dim=1)
+        idx = torch.where(has_nan, first_nan, idx)
+        ext = torch.where(has_nan, ext * float("nan"), ext)   # (no Shape node)
     return ext, idx, mask.any(dim=1)
 
 
