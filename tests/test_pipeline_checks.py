@@ -368,3 +368,25 @@ def test_unreachable_ray_address_fails_fast():
         check_reachable(f"ray://127.0.0.1:{port}", timeout=5)
     with pytest.raises(ValueError, match="HOST:PORT"):
         check_reachable("bogus", timeout=5)
+
+
+def test_damaged_parquet_row_group_is_a_clear_error(tmp_path, capsys):
+    # the footer reads fine, a later row group's pages are garbage: the error names the
+    # file and the row group, from the library and the CLI alike (no pyarrow traceback)
+    rng = np.random.default_rng()
+    n, d = 60, 8
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    table = pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
+                      "label": pa.array(rng.integers(0, 4, n))})
+    path = tmp_path / "q.parquet"
+    pq.write_table(table, path, row_group_size=20, compression="NONE")
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(2).column(0)
+    start = col.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start:start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"cannot read row group 2 of .*q\.parquet \(rows 40\.\.\)"):
+        mine(str(path), out_dir=tmp_path / "o", k=2, **KW)
+    rc, err = _cli([path, "-o", tmp_path / "o2", "--device", "cpu", "-k", "2"], capsys)
+    assert rc == 2 and "cannot read row group 2" in err and "Traceback" not in err

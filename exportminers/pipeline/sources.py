@@ -216,6 +216,19 @@ class ParquetSource(Source):
         self._cache = (None, None)
         self.dim = self._probe_dim()
 
+    def _read_group(self, fi: int, g: int, cols):
+        """Row group ``g`` of file ``fi``; a file that turns out damaged (truncated,
+        corrupt pages) is a ValueError naming it, the row group and the rows."""
+        import pyarrow as pa
+
+        try:
+            return self._pf[fi].read_row_group(g, columns=cols)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            first = next(r[2] for r in self._groups if r[0] == fi and r[1] == g)
+            raise ValueError(
+                f"{arg_name(self.side, 'data')}: cannot read row group {g} of {self.files[fi]} "
+                f"(rows {first}..) as Parquet: {str(e).strip()[:300]}") from None
+
     def _probe_dim(self) -> int:
         """Embedding width: the fixed list size, else the length of the first non-null
         list (row groups whose embeddings are all null are skipped)."""
@@ -227,7 +240,7 @@ class ParquetSource(Source):
         if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
             raise ValueError(f"{self.name}: column {self.ecol!r} must be a list of floats, got {t}")
         for fi, g, _, _ in self._groups:
-            e = self._pf[fi].read_row_group(g, columns=[self.ecol]).column(self.ecol)
+            e = self._read_group(fi, g, [self.ecol]).column(self.ecol)
             for chunk in e.chunks:
                 lens = chunk.value_lengths().drop_null()
                 if len(lens):
@@ -241,7 +254,7 @@ class ParquetSource(Source):
 
         fi, g, first, rows = self._groups[gi]
         cols = [self.ecol, self.lcol] + ([self.icol] if self.icol else [])
-        t = self._pf[fi].read_row_group(g, columns=cols)
+        t = self._read_group(fi, g, cols)
         e = t.column(self.ecol).combine_chunks()
         if isinstance(e, pa.ChunkedArray):
             e = e.chunk(0) if e.num_chunks else pa.array([], type=e.type)
