@@ -528,6 +528,10 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     if anchors and not _row_independent(miner):
         raise ValueError(f"anchor_blocks: {name} does not mine each anchor row independently "
                          f"(or draws noise), so it cannot be mined in anchor blocks")
+    problem = getattr(miner, "export_problem", None)
+    problem = problem() if callable(problem) else None
+    if problem:
+        raise ValueError(f"miner: {problem}")
     if getattr(miner, "was_set_externally", False):
         warnings.warn(f"{name}: indices set with set_idx_externally are not exported; the "
                       f"graph mines every pair of the batch", stacklevel=2)
@@ -614,7 +618,10 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                     custom_translation_table=_translations(), verify=False, report=False,
                     verbose=False, **kwargs)
         except Exception as e:
-            raise RuntimeError(f"exporting {name} to ONNX failed: {_error_summary(e)}") from e
+            hint = getattr(miner, "export_hint", None)
+            hint = f" ({hint()})" if callable(hint) and hint() else ""
+            raise RuntimeError(f"exporting {name} to ONNX failed{hint}: "
+                               f"{_error_summary(e)}") from e
     finally:
         miner.train(was_training)
 

@@ -418,3 +418,21 @@ def test_maximum_loss_miner_loss_function_must_return_a_scalar():
     idx = miners.MaximumLossMiner(loss_function=lambda e, l, t: float(e.sum()),
                                   output_batch_size=4)(x, y)
     assert idx.shape == (4,)
+
+
+def test_maximum_loss_export_problems_are_named(tmp_path):
+    from pytorch_metric_learning import losses as pml_losses
+
+    from exportminers import export_onnx
+    from exportminers.miners import MaximumLossMiner, TripletMarginMiner
+
+    with_miner = MaximumLossMiner(mining_function=TripletMarginMiner(), output_batch_size=8)
+    with pytest.raises(ValueError, match="miner: MaximumLossMiner with a mining_function "
+                                         "cannot be exported.*export_torchscript"):
+        export_onnx(with_miner, str(tmp_path / "a.onnx"))
+    torch.jit.script(with_miner)          # what the message offers instead works
+    pml_loss = MaximumLossMiner(loss_function=pml_losses.TripletMarginLoss(), output_batch_size=8)
+    with pytest.raises(RuntimeError, match=r"failed \(loss_function pytorch_metric_learning\."
+                                           r"losses\..*TripletMarginLoss must compute with fixed"):
+        export_onnx(pml_loss, str(tmp_path / "b.onnx"))
+    export_onnx(MaximumLossMiner(output_batch_size=8), str(tmp_path / "c.onnx"))

@@ -116,5 +116,25 @@ class MaximumLossMiner(KernelMinerMixin, BasePreGradientMiner):
             out = self.mine(embeddings, labels, None, None)
         return out[0]
 
+    @torch.jit.unused
+    def export_problem(self) -> Optional[str]:
+        """Why :func:`exportminers.export_onnx` cannot export this miner (None if it can)."""
+        if self.mining_function is not None:
+            return ("MaximumLossMiner with a mining_function cannot be exported to ONNX: the "
+                    "tuples it passes to the loss have a data-dependent size. Export it "
+                    "without mining_function, or save it with export_torchscript")
+        return None
+
+    @torch.jit.unused
+    def export_hint(self) -> Optional[str]:
+        """Likely cause of a failed ONNX export."""
+        from ..losses import TripletMarginLoss as OurTripletMarginLoss
+        if not isinstance(self.loss_function, OurTripletMarginLoss):
+            cls = type(self.loss_function)
+            return (f"loss_function {cls.__module__}.{cls.__qualname__} must compute with "
+                    f"fixed shapes to export, as exportminers.losses.TripletMarginLoss does; "
+                    f"losses that index with masks (PML's) do not")
+        return None
+
     def extra_repr(self) -> str:
         return f"num_trials={self.num_trials}, output_batch_size={self.output_batch_size}"
