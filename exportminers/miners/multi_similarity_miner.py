@@ -29,13 +29,13 @@ def multi_similarity_miner(mat: Tensor, pos: Tensor, neg: Tensor, epsilon: float
     # largest is NaN if the row has one (no pair then compares true against it)
     not_nan = mat == mat
     if is_inverted:
-        hardest_neg, _, _ = _ops.masked_extreme(mat, neg, True)    # -inf if none
-        hardest_pos, _, _ = _ops.masked_extreme(mat, pos & not_nan, False)   # +inf if none
+        hardest_neg = _ops.masked_extreme_value(mat, neg, True)    # -inf if none
+        hardest_pos = _ops.masked_extreme_value(mat, pos & not_nan, False)   # +inf if none
         keep_pos = pos & (mat - epsilon < hardest_neg.unsqueeze(1))
         keep_neg = neg & (mat + epsilon > hardest_pos.unsqueeze(1))
     else:
-        hardest_neg, _, _ = _ops.masked_extreme(mat, neg & not_nan, False)
-        hardest_pos, _, _ = _ops.masked_extreme(mat, pos, True)
+        hardest_neg = _ops.masked_extreme_value(mat, neg & not_nan, False)
+        hardest_pos = _ops.masked_extreme_value(mat, pos, True)
         keep_pos = pos & (mat + epsilon > hardest_neg.unsqueeze(1))
         keep_neg = neg & (mat - epsilon < hardest_pos.unsqueeze(1))
     return keep_pos, keep_neg
