@@ -79,6 +79,15 @@ def session_options(threads: int):
     return so
 
 
+def cpu_session_options(threads: int):
+    """:func:`session_options` with OnnxMiner's default CPU arena (what a user gets
+    without options: exportminers.runtime.arena)."""
+    import onnxruntime as ort
+
+    from exportminers.runtime import lean_cpu_options
+    return lean_cpu_options(ort, session_options(threads))
+
+
 def set_threads(threads: int) -> None:
     """torch intra-op threads (0: leave torch's default)."""
     if threads > 0:
@@ -107,6 +116,7 @@ def _build(task: Dict[str, Any], device) -> Callable:
         import exportminers
         so = session_options(task.get("threads", 0))
         if impl.startswith("ort_cpu"):
+            so = cpu_session_options(task.get("threads", 0))
             om = exportminers.OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"],
                                         session_options=so, seed=task["seed"])
         else:

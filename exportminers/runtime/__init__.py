@@ -10,6 +10,8 @@ Nothing here imports torch (torch tensors passed in are handled through DLPack, 
 only ``device_output=True`` decodes with torch).
 """
 from . import checks_np, decode_np, metadata
+from .arena import lean_cpu_options
 from .onnx_miner import OnnxMiner, default_providers
 
-__all__ = ["OnnxMiner", "default_providers", "checks_np", "decode_np", "metadata"]
+__all__ = ["OnnxMiner", "default_providers", "lean_cpu_options", "checks_np", "decode_np",
+           "metadata"]

@@ -12,7 +12,12 @@ graphs).
 :func:`lean_cpu_options` registers one CPU arena for the process that grows by what is
 requested (``kSameAsRequested``) and turns the memory pattern off. It is applied to the
 sessions exportminers builds for the CPU provider alone; a ``session_options`` given by
-the caller is used as given.
+the caller is used as given, so apply it to your own options to keep the behaviour::
+
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = 4
+    om = OnnxMiner(path, providers=["CPUExecutionProvider"],
+                   session_options=lean_cpu_options(onnxruntime, so))
 """
 from typing import Any, Sequence
 
