@@ -251,8 +251,10 @@ def run_export(args: argparse.Namespace) -> int:
         json.dump(manifest, f, indent=2)
     if not args.quiet:
         ok = sum(e["status"] in ("ok", "exported") for e in entries)
+        verified = all(e["status"] != "exported" for e in entries)
         skipped = sum(e["status"] == "skipped" for e in entries)
-        print(f"\n{ok} of {len(entries)} graphs exported and verified"
+        print(f"\n{ok} of {len(entries)} graphs exported"
+              + (" and verified" if verified else " (not verified: --no-verify)")
               + (f", {skipped} skipped" if skipped else "")
               + (f", {failed} FAILED" if failed else "")
               + f"; manifest: {os.path.join(args.out, 'manifest.json')}")
