@@ -141,37 +141,29 @@ def normalize(x: Tensor, p: float) -> Tensor:
     return F.normalize(x, p=p, dim=1)
 
 
-def finite_max(dtype: torch.dtype) -> float:
-    """The largest finite value of a floating dtype (``torch.finfo`` is not scriptable)."""
-    if dtype == torch.float16:
-        return 65504.0
-    if dtype == torch.bfloat16:
-        return 3.3895313892515355e38
-    if dtype == torch.float32:
-        return 3.4028234663852886e38
-    return 1.7976931348623157e308
-
-
 def masked_extreme_value(values: Tensor, mask: Tensor, largest: bool) -> Tensor:
-    """Row-wise masked max/min value alone (+-inf where no candidate; NaN propagates as in
-    torch.max/min): one reduction, no index (see :func:`masked_extreme`)."""
+    """Row-wise masked max/min value alone (+-inf where no candidate; a NaN candidate
+    makes it NaN, as torch.max/min do): one reduction, no index (see
+    :func:`masked_extreme`). Exported ReduceMax/ReduceMin may skip NaN (ONNX Runtime's CPU
+    kernel does), so the graph puts NaN back explicitly."""
     fill = float("-inf") if largest else float("inf")
     filled = values.masked_fill(~mask, fill)
-    if largest:
-        return torch.amax(filled, dim=1)
-    return torch.amin(filled, dim=1)
+    ext = torch.amax(filled, dim=1) if largest else torch.amin(filled, dim=1)
+    if is_exporting():
+        has_nan = (torch.isnan(values) & mask).any(dim=1)
+        ext = torch.where(has_nan, ext * float("nan"), ext)   # (no Shape node)
+    return ext
 
 
 def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
     """Row-wise masked max/min with a validity flag.
 
-    The chosen column is always a candidate: infinite candidates enter the reduction as
-    the dtype's finite extremes, so a row whose candidates are all +inf under a min
-    (e.g. SNR distances of a constant row) yields its first candidate, not the first
-    masked column (PML's sentinels pick a masked column there). A NaN
-    candidate wins, the row's first, as in torch.max/min; exported graphs, whose
-    ArgMax/ArgMin leave NaN to the runtime (ONNX Runtime's CPU kernel skips it), enter
-    it as the winning infinity. The extreme is the chosen column's own value.
+    The chosen column is always a candidate: where every candidate equals the fill value
+    (+inf candidates of a min, -inf of a max, e.g. SNR distances of a constant row), the
+    first candidate is taken, not the first masked column (PML's sentinels pick a masked
+    column there). A NaN candidate wins, as in torch.max/min; exported graphs, whose
+    ArgMax/ArgMin leave NaN to the runtime (ONNX Runtime's CPU kernel skips it), take
+    NaN candidates out of the reduction and pick the row's first NaN.
 
     Args:
         values: Tensor[N, M].
@@ -183,24 +175,26 @@ def masked_extreme(values: Tensor, mask: Tensor, largest: bool):
         valid Tensor[N] bool)
     """
     fill = float("-inf") if largest else float("inf")
-    big = finite_max(values.dtype)
+    mask_f = mask.to(values.dtype)
+    first_candidate = torch.argmax(mask_f, dim=1)
+    valid = mask_f.gather(1, first_candidate.unsqueeze(1)).squeeze(1) > 0
     if is_exporting():
-        # infinities become the finite extremes (Clip, Min and Max with constants are
-        # avoided: the exporter's optimizer drops their bounds in float16 graphs), and
-        # NaN the winning infinity
-        key = values.masked_fill(values == float("inf"), big)
-        key = key.masked_fill(values == float("-inf"), -big)
-        key = torch.where(torch.isnan(values), -fill, key)
+        nan = torch.isnan(values) & mask
+        filled = values.masked_fill(~mask | nan, fill)
+        idx = torch.argmax(filled, dim=1) if largest else torch.argmin(filled, dim=1)
+        chosen = filled.gather(1, idx.unsqueeze(1)).squeeze(1)
+        idx = torch.where(chosen == fill, first_candidate, idx)
+        nan_f = nan.to(values.dtype)
+        first_nan = torch.argmax(nan_f, dim=1)
+        has_nan = nan_f.gather(1, first_nan.unsqueeze(1)).squeeze(1) > 0
+        idx = torch.where(has_nan, first_nan, idx)
     else:
-        key = values.clamp(-big, big)   # NaN stays NaN and wins in torch.max/min
-    key = key.masked_fill(~mask, fill)
-    if is_exporting():
-        idx = torch.argmax(key, dim=1) if largest else torch.argmin(key, dim=1)
-    elif largest:
-        idx = torch.max(key, dim=1)[1]
-    else:
-        idx = torch.min(key, dim=1)[1]
-    valid = mask.any(dim=1)
+        filled = values.masked_fill(~mask, fill)
+        if largest:
+            chosen, idx = torch.max(filled, dim=1)
+        else:
+            chosen, idx = torch.min(filled, dim=1)
+        idx = torch.where(chosen == fill, first_candidate, idx)
     ext = values.gather(1, idx.unsqueeze(1)).squeeze(1).masked_fill(~valid, fill)
     return ext, idx, valid
 

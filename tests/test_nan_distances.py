@@ -100,3 +100,44 @@ def _same_choices(graph, eager, mat, seed):
                 np.isclose(want, got, rtol=1e-5, atol=0.0)
             assert same.all(), (seed, k, col, anchors[~same], eager[col][~same],
                                 graph[col][~same], want[~same], got[~same])
+
+
+def test_multisimilarity_graph_keeps_nan_like_eager(tmp_path):
+    # a zero row normalised in float16 gives NaN similarities; PML's sort puts NaN last,
+    # so a NaN hardest negative drops that anchor's positives: eager (= PML) and the
+    # float16 graph must agree (ONNX Runtime's ReduceMax skips NaN unless told)
+    ours = em.miners.MultiSimilarityMiner(epsilon=0.1)
+    pml = pml_miners.MultiSimilarityMiner(epsilon=0.1)
+    path = str(tmp_path / "ms16.onnx")
+    em.export_onnx(ours, path, dtype=torch.float16)
+    om = em.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((12, 6)).astype(np.float16)
+        x[seed % 12] = 0.0
+        y = rng.integers(0, 3, 12)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        assert torch.isnan(ours.distance(xt)).any()
+        eager = ours(xt, yt)
+        assert _multiset(eager) == _multiset(pml(xt, yt)), seed
+        assert _multiset([torch.from_numpy(np.asarray(g)) for g in om(x, y)]) == \
+            _multiset(eager), seed
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_infinity_and_largest_finite_keep_their_order(largest):
+    # +inf vs the largest finite value (float16 overflow): torch's choice, eager and graph
+    from exportminers import _ops
+
+    big = 65504.0
+    rows = [[float("inf"), big, 1.0], [big, float("inf"), -1.0],
+            [-float("inf"), -big, 0.0], [float("nan"), float("inf"), big]]
+    values = torch.tensor(rows, dtype=torch.float16)
+    mask = torch.tensor([[True, True, False]] * 4)
+    want = torch.max(values.masked_fill(~mask, float("-inf")), 1) if largest else \
+        torch.min(values.masked_fill(~mask, float("inf")), 1)
+    ext, idx, valid = _ops.masked_extreme(values, mask, largest)
+    assert idx.tolist() == want[1].tolist()
+    assert torch.equal(torch.isnan(ext), torch.isnan(want[0]))
+    assert ext[~torch.isnan(ext)].tolist() == want[0][~torch.isnan(want[0])].tolist()
+    assert valid.all()
