@@ -104,17 +104,31 @@ def atan_cut(angle: float, dtype: torch.dtype) -> float:
     return float(to_float(lo)[0])
 
 
+def _rounding_boundary(cut: float, dtype: torch.dtype) -> float:
+    """The real number above which a value rounds (to nearest) to a ``dtype`` number
+    greater than ``cut``: the midpoint between ``cut`` and the next number up."""
+    if math.isinf(cut):
+        return cut
+    c = torch.tensor([cut], dtype=dtype)
+    nxt = torch.nextafter(c, torch.tensor([float("inf")], dtype=dtype))
+    return (float(c[0]) + float(nxt[0])) / 2.0
+
+
 def atan_cuts(angle: float) -> List[float]:
-    """:func:`atan_cut` for float16, float32 and float64."""
-    return [atan_cut(angle, dt) for dt in (torch.float16, torch.float32, torch.float64)]
+    """:func:`atan_cut` for float16, float32 and float64, then the rounding boundaries
+    above those cut-offs (for tests on unrounded ratios, see :func:`_graph_angles_exceed`)."""
+    dts = (torch.float16, torch.float32, torch.float64)
+    cuts = [atan_cut(angle, dt) for dt in dts]
+    return cuts + [_rounding_boundary(c, dt) for c, dt in zip(cuts, dts)]
 
 
-def _pick_cut(cuts: List[float], dtype: torch.dtype) -> float:
+def _pick_cut(cuts: List[float], dtype: torch.dtype, boundary: bool = False) -> float:
+    k = 3 if boundary else 0
     if dtype == torch.float16:
-        return cuts[0]
+        return cuts[k]
     if dtype == torch.float32:
-        return cuts[1]
-    return cuts[2]
+        return cuts[k + 1]
+    return cuts[k + 2]
 
 
 def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Tensor,
@@ -129,7 +143,10 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     if _ops.is_exporting():
         cut = _pick_cut(cuts, ap.dtype)
         if cut >= 0.0:
-            return _graph_angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, pos, neg, cut)
+            # the graph's ratio is not rounded to the input dtype: compare it with the
+            # boundary above which the eager, rounded ratio exceeds the cut-off
+            return _graph_angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, pos, neg,
+                                        _pick_cut(cuts, ap.dtype, True))
         return _angles_exceed(g, c_sq, ap, a_sum, h.unsqueeze(0), ne_sq,
                               r_sum.view(1, -1, 1), angle, cuts) & lmu.triplet_mask(pos, neg)
     n_rows, m = g.size(0), g.size(1)
@@ -172,12 +189,13 @@ def _graph_angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: 
     eps = _ops.f64(1e-6, g)
     ap64 = ap.to(torch.float64)
     inf = _ops.f64(float("inf"), g)
+    # (0-d bounds broadcast below: expand_as would add Shape nodes to the graph)
     if math.isinf(cut):      # the angle test holds for no ratio
-        bound = (-inf).expand_as(ap64)
+        bound = -inf
     elif cut > 0.0:
         bound = ap64 * ap64 / _ops.f64(4.0 * cut * cut, g)
     else:
-        bound = inf.expand_as(ap64)
+        bound = inf
     right = bound - (c_sq - eps * (a_sum.unsqueeze(1) + r_sum.unsqueeze(0)))
     right = torch.where(pos & (ap64 > 0.0), right, -inf)                 # [N, M(p)]
     left_pn = ne_sq.unsqueeze(0) - h                                      # [M(p), M(n)]
