@@ -373,7 +373,7 @@ def test_unreachable_ray_address_fails_fast():
 def test_damaged_parquet_row_group_is_a_clear_error(tmp_path, capsys):
     # the footer reads fine, a later row group's pages are garbage: the error names the
     # file and the row group, from the library and the CLI alike (no pyarrow traceback)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261122)
     n, d = 60, 8
     x = rng.standard_normal((n, d)).astype(np.float32)
     table = pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),

@@ -89,9 +89,11 @@ class BlockRunner:
                     str(self.path), so,
                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         else:
-            from ..runtime.arena import lean_cpu_options   # repeated calls at one call's peak
+            from ..runtime import arena   # repeated calls at one call's peak
 
-            self.sess = ort.InferenceSession(str(self.path), lean_cpu_options(ort, so),
+            if arena.shared_arena_enabled():
+                so = arena.lean_cpu_options(ort, so)
+            self.sess = ort.InferenceSession(str(self.path), so,
                                              providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]

@@ -18,10 +18,31 @@ the caller is used as given, so apply it to your own options to keep the behavio
     so.intra_op_num_threads = 4
     om = OnnxMiner(path, providers=["CPUExecutionProvider"],
                    session_options=lean_cpu_options(onnxruntime, so))
+
+Two consequences of a process-wide arena: its memory stays with the process after the
+sessions are gone (reused by later sessions, not returned to the OS), and registering it
+replaces a CPU allocator the application registered itself with
+``create_and_register_allocator`` (ONNX Runtime 1.32 keeps the last one). Call
+``use_shared_arena(False)`` (or set ``EXPORTMINERS_SHARED_ARENA=0``) before building
+sessions to keep ONNX Runtime's per-session defaults.
 """
+import os
 from typing import Any, Sequence
 
 _REGISTERED = False
+_ENABLED = os.environ.get("EXPORTMINERS_SHARED_ARENA", "1") != "0"
+
+
+def use_shared_arena(enabled: bool) -> None:
+    """Turn the shared CPU arena on or off for sessions built from now on."""
+    global _ENABLED
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    _ENABLED = enabled
+
+
+def shared_arena_enabled() -> bool:
+    return _ENABLED
 
 
 def _register_env_arena(ort) -> None:
@@ -35,7 +56,7 @@ def _register_env_arena(ort) -> None:
         # OrtArenaCfg(max_mem=0: no limit, arena_extend_strategy=1: kSameAsRequested,
         # initial_chunk_size_bytes=-1, max_dead_bytes_per_chunk=-1: defaults)
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-    except Exception:   # already registered (by the application): use that one
+    except Exception:   # older ONNX Runtime: one was registered already; use that one
         pass
 
 
