@@ -80,12 +80,12 @@ def session_options(threads: int):
 
 
 def cpu_session_options(threads: int):
-    """:func:`session_options` with OnnxMiner's default CPU arena (what a user gets
-    without options: exportminers.runtime.arena)."""
+    """:func:`session_options` as OnnxMiner sets up a CPU session without options (the
+    shared arena unless turned off: exportminers.runtime.arena)."""
     import onnxruntime as ort
 
-    from exportminers.runtime import lean_cpu_options
-    return lean_cpu_options(ort, session_options(threads))
+    from exportminers.runtime.arena import default_cpu_options
+    return default_cpu_options(ort, session_options(threads))
 
 
 def set_threads(threads: int) -> None:
@@ -114,12 +114,12 @@ def _build(task: Dict[str, Any], device) -> Callable:
         return torch.jit.script(common.build_ours(name, config)).to(device)
     if impl.startswith("ort_"):
         import exportminers
-        so = session_options(task.get("threads", 0))
         if impl.startswith("ort_cpu"):
             so = cpu_session_options(task.get("threads", 0))
             om = exportminers.OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"],
                                         session_options=so, seed=task["seed"])
         else:
+            so = session_options(task.get("threads", 0))
             om = exportminers.OnnxMiner(task["onnx_path"],
                                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                                         session_options=so, seed=task["seed"])

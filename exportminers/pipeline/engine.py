@@ -89,11 +89,9 @@ class BlockRunner:
                     str(self.path), so,
                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         else:
-            from ..runtime import arena   # repeated calls at one call's peak
+            from ..runtime.arena import default_cpu_options   # one call's peak memory
 
-            if arena.shared_arena_enabled():
-                so = arena.lean_cpu_options(ort, so)
-            self.sess = ort.InferenceSession(str(self.path), so,
+            self.sess = ort.InferenceSession(str(self.path), default_cpu_options(ort, so),
                                              providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]

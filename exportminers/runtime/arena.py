@@ -66,6 +66,15 @@ def cpu_only(providers: Sequence[Any]) -> bool:
     return bool(names) and all(n == "CPUExecutionProvider" for n in names)
 
 
+def default_cpu_options(ort, session_options=None):
+    """What exportminers' own CPU-only sessions use: :func:`lean_cpu_options` while the
+    shared arena is enabled (:func:`use_shared_arena`), else ``session_options`` (a new
+    ``SessionOptions`` if None) unchanged."""
+    if _ENABLED:
+        return lean_cpu_options(ort, session_options)
+    return ort.SessionOptions() if session_options is None else session_options
+
+
 def lean_cpu_options(ort, session_options=None):
     """``session_options`` (a new ``SessionOptions`` if None) set to use the process's
     ``kSameAsRequested`` CPU arena, without the memory pattern."""

@@ -146,9 +146,8 @@ class OnnxMiner:
                 else default_providers()
         elif isinstance(providers, str):   # one provider name, not its characters
             providers = [providers]
-        if session_options is None and arena.cpu_only(list(providers)) \
-                and arena.shared_arena_enabled():
-            session_options = arena.lean_cpu_options(ort)   # see exportminers.runtime.arena
+        if session_options is None and arena.cpu_only(list(providers)):
+            session_options = arena.default_cpu_options(ort)   # see exportminers.runtime.arena
         try:
             self.session = ort.InferenceSession(
                 self.path, sess_options=session_options, providers=list(providers),
