@@ -48,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--bank-ids", help="bank ids .npy")
     io.add_argument("--embedding-column", default="embedding", help="Parquet embedding column (default: %(default)s)")
     io.add_argument("--label-column", default="label", help="Parquet label column (default: %(default)s)")
-    io.add_argument("--id-column", default="id", help="Parquet id column, used if present (default: %(default)s)")
+    io.add_argument("--id-column", default=None,
+                    help="Parquet id column (default: 'id' where every file has it, else row "
+                         "numbers; a column named here must exist)")
     io.add_argument("-o", "--out", default=None, help="output folder (default: ./mined, or ./exportminers-demo with --demo)")
     io.add_argument("--format", default="triplets",
                     help="flat files to write, comma separated: triplets, ntuples, pairs, or none (default: %(default)s)")
@@ -189,8 +191,12 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     try:
         if args.demo:
-            if args.input or args.bank:
-                raise ValueError("--demo takes no input or --bank")
+            given = [o for o, v in (("an input", args.input), ("--bank", args.bank),
+                                    ("--labels", args.labels), ("--ids", args.ids),
+                                    ("--bank-labels", args.bank_labels),
+                                    ("--bank-ids", args.bank_ids)) if v]
+            if given:
+                raise ValueError(f"--demo mines built-in data: it takes no {', '.join(given)}")
             x, y = _demo_inputs()
             out = args.out or "exportminers-demo"
             print(f"demo: scikit-learn digits, {x.shape[0]} x {x.shape[1]}, "

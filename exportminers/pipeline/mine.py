@@ -35,7 +35,7 @@ class Scan:
     ids: np.ndarray  # int64 [n]
     labels: np.ndarray  # int64 [n] (0 where missing)
     digest: str = ""  # content hash: a resumed run must see the same data
-    max_norm: float = 0.0  # largest L2 norm of a row with finite embeddings (float64)
+    max_norm: float = 0.0  # largest L2 norm of a usable row (float64)
 
 
 def scan_source(src: Source, block: int, name: str) -> Scan:
@@ -52,10 +52,10 @@ def scan_source(src: Source, block: int, name: str) -> Scan:
         if blk.emb.shape[1] != src.dim:
             raise ValueError(f"{name}: rows {s}..{e} have width {blk.emb.shape[1]}, expected {src.dim}")
         fin = np.isfinite(blk.emb).all(axis=1)
-        if fin.any():
-            e64 = blk.emb[fin].astype(np.float64)
-            max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", e64, e64).max())))
         ok = fin & blk.label_ok
+        if ok.any():  # excluded rows are never scored: they do not bound the dtype
+            e64 = blk.emb[ok].astype(np.float64)
+            max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", e64, e64).max())))
         if np.any(blk.labels[blk.label_ok] == SENTINEL):
             raise ValueError(f"{name}: label {SENTINEL} is reserved (used for padding)")
         if np.any(blk.ids == SENTINEL) or np.any(blk.ids == SENTINEL + 1):
@@ -112,7 +112,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
          bank_cache_gb: Optional[float] = None, overwrite: bool = False,
          progress: bool = True, plot: bool = True, threads: Optional[int] = None,
          embedding_column: str = "embedding", label_column: str = "label",
-         id_column: str = "id", engine: str = "local", ray_address: Optional[str] = None,
+         id_column: Optional[str] = None, engine: str = "local",
+         ray_address: Optional[str] = None,
          num_actors: Optional[int] = None, num_gpus_per_actor: float = 0,
          num_cpus_per_actor: Optional[float] = None, bank_shards: int = 1,
          max_retries: int = 3) -> MineResult:
@@ -142,9 +143,14 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         shard_size: queries per output shard (default 16 query blocks).
         bank_cache_gb: keep the prepared bank on the device when it is at most this big
             (default 4 on CUDA, 1 on CPU); otherwise it is streamed again for every shard.
-        overwrite: discard shards left by a run with a different configuration.
+        overwrite: discard the outputs of an earlier run with a different configuration
+            or inputs (and partial results that cannot be checked); without it such a
+            folder is refused. Other files are never deleted.
         progress: progress bar with throughput on stderr.
         plot: write ``scores.png``.
+        embedding_column, label_column, id_column: Parquet column names. ``id_column=None``
+            reads a column ``id`` where every file has one (else ids are row numbers); a
+            column named explicitly must be in every file.
         engine: ``"local"`` (this process, the default) or ``"ray"``: the same mining on
             a Ray cluster (needs ``pip install exportminers[ray]``); see
             :func:`exportminers.pipeline.ray_engine.mine_ray` for ``ray_address``,
@@ -203,6 +209,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     inp = open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg, bq, bm,
                       embedding_column=embedding_column, label_column=label_column,
                       id_column=id_column)
+    check_out_vs_inputs(out_dir, inp)
     dtype, np_dtype = fit_dtype(cfg, inp, dtype, dtype_given)
     qsrc, bsrc, qscan, bscan = inp.qsrc, inp.bsrc, inp.qscan, inp.bscan
     same_id, kc, k_pos = inp.same_id, inp.kc, inp.k_pos
@@ -228,7 +235,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     shard_paths = [shard_dir / f"part-{i:05d}.parquet" for i in range(n_shards)]
     for p in shard_dir.glob("*.tmp"):
         p.unlink()  # partial writes of a killed run
-    todo = [i for i in range(n_shards) if not shard_paths[i].is_file()]
+    todo = [i for i in range(n_shards)
+            if not _shard_done(shard_paths[i], i * shard_size, min(qsrc.n, (i + 1) * shard_size))]
 
     # ---- bank blocks (cached on the device when small enough)
     cache_gb = bank_cache_gb if bank_cache_gb is not None else (4.0 if device == "cuda" else 1.0)
@@ -315,6 +323,27 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
                           mine_seconds, qps)
 
 
+def _shard_done(path: Path, start: int, stop: int) -> bool:
+    """Whether the shard file of queries ``start..stop`` holds them all, read in full. A
+    damaged one (or one of other rows) is deleted with a warning: it is mined again."""
+    if not path.is_file():
+        return False
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        qi = pq.read_table(path).column("query_index").to_numpy()
+        if np.array_equal(qi, np.arange(start, stop, dtype=np.int64)):
+            return True
+        why = f"it holds other queries than {start}..{stop - 1}"
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        why = f"damaged: {str(e).strip()[:200]}"
+    warnings.warn(f"deleting shard {path} ({why}); its queries are mined again",
+                  RuntimeWarning, stacklevel=3)
+    path.unlink()
+    return False
+
+
 # --------------------------------------------------------------------------- shared steps
 # (used by the local engine above and by the Ray engine in ray_engine.py)
 
@@ -346,6 +375,31 @@ def check_engine_numbers(threads=None, bank_cache_gb=None) -> None:
             or not np.isfinite(bank_cache_gb) or bank_cache_gb < 0):
         raise ValueError(f"bank_cache_gb (--bank-cache-gb) must be a finite number >= 0, "
                          f"got {bank_cache_gb!r}")
+
+
+def check_out_vs_inputs(out_dir, inp: "Inputs") -> None:
+    """Refuse an ``out_dir`` whose outputs would replace an input file, or that lies in an
+    input folder (a rerun would read the outputs as input)."""
+    out = Path(out_dir).resolve()
+    produced = {out / f for f in OUTPUT_FILES + (STATE_FILE,)}
+    work = [out / d for d in WORK_DIRS]
+    for side, src in (("queries", inp.qsrc), ("bank", inp.bsrc)):
+        what = arg_name(side, "data")
+        if src.root is not None:
+            root = src.root.resolve()
+            if out == root or root in out.parents:
+                inside = out.relative_to(root).parts
+                if not any(part.startswith((".", "_")) for part in inside):
+                    raise ValueError(
+                        f"out_dir (-o/--out): {out_dir} is {'the' if not inside else 'inside the'}"
+                        f" input folder {src.root} ({what}): the outputs would be read as input "
+                        "by a rerun; choose an out_dir outside it (or a subfolder whose name "
+                        "starts with '_', which input folders skip)")
+        for f in src.paths:
+            fr = Path(f).resolve()
+            if fr in produced or any(w == fr or w in fr.parents for w in work):
+                raise ValueError(f"out_dir (-o/--out): the input {f} ({what}) is a file this "
+                                 f"run writes in {out_dir}; choose another out_dir")
 
 
 def check_out_dir(out_dir) -> None:
@@ -497,8 +551,10 @@ def open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg: MineConf
     _warn_degenerate_labels(qscan, bscan, cfg)
     kc = min(cfg.num_candidates, n_bank_ok)  # a random window past the bank's end is cut
     k_pos = max(cfg.num_positives, 1)
-    bq_eff = min(bq, qsrc.n)
-    bm_eff = max(min(bm, bsrc.n), kc, k_pos)
+    # at least 2 rows a block: with one, ONNX Runtime's MatMul takes a matrix-vector
+    # kernel that rounds differently, and scores would depend on the block size
+    bq_eff = max(min(bq, qsrc.n), 2)
+    bm_eff = max(min(bm, bsrc.n), kc, k_pos, 2)
     check_block_sizes(bq_eff, bm_eff)
     return Inputs(qsrc, bsrc, self_mode, qscan, bscan, bool(same_id), kc, k_pos, bq_eff, bm_eff,
                   id_key)
@@ -529,9 +585,14 @@ def graph_specs(cfg: MineConfig, dtype: str) -> List[GraphSpec]:
 
 
 def run_state(cfg: MineConfig, dtype: str, inp: Inputs) -> dict:
+    """What a resumed run must share with the earlier one. The inputs count by content
+    (``data``: digests of every row), not by how their paths were spelled."""
+    def side(src):
+        return {k_: v for k_, v in src.describe().items() if k_ != "name"}
+
     return {
         "config": cfg.to_json(), "dtype": dtype,
-        "queries": inp.qsrc.describe(), "bank": None if inp.self_mode else inp.bsrc.describe(),
+        "queries": side(inp.qsrc), "bank": None if inp.self_mode else side(inp.bsrc),
         "exclude_same_id": bool(inp.same_id), "same_id_key": inp.id_key,
         "data": [inp.qscan.digest, inp.bscan.digest],
     }
@@ -557,16 +618,34 @@ def prepare_out_dir(out_dir: Path, state: dict, overwrite: bool, work_dir: Path)
     state["fingerprint"] = fp
     state_path = out_dir / STATE_FILE
     if state_path.is_file():
-        old = json.loads(state_path.read_text())
-        if old.get("fingerprint") != fp:
+        try:
+            old = json.loads(state_path.read_text())
+            old_fp = old.get("fingerprint") if isinstance(old, dict) else None
+            damaged = not isinstance(old_fp, str)
+        except (OSError, UnicodeDecodeError, ValueError):
+            old_fp, damaged = None, True
+        if old_fp != fp:
             if not overwrite:
+                why = (f"its run state file {state_path} is damaged" if damaged else
+                       f"{out_dir} holds results of a different run (configuration, inputs "
+                       "or shard size differ)")
                 raise ValueError(
-                    f"{out_dir} holds results of a different run (configuration, inputs or "
-                    "shard size differ); pass overwrite=True (--overwrite) to discard them, or "
-                    "choose another out_dir")
+                    f"out_dir (-o/--out): {why}; pass overwrite=True (--overwrite) to discard "
+                    "the earlier run's outputs, or choose another out_dir")
             _remove_outputs(out_dir, work_dir)
-    elif overwrite:
-        _remove_outputs(out_dir, work_dir)
+    else:
+        # no state file: no earlier run of this package to resume or discard; partial
+        # results without one cannot be checked, and other files are never deleted
+        stale = [d for d in {work_dir.name, *WORK_DIRS}
+                 if (out_dir / d).is_dir() and any((out_dir / d).iterdir())]
+        if stale and not overwrite:
+            raise ValueError(
+                f"out_dir (-o/--out): {out_dir} holds partial results "
+                f"({', '.join(sorted(stale))}) but no run state file ({STATE_FILE}), so they "
+                "cannot be checked against this run; pass overwrite=True (--overwrite) to "
+                "discard them, or choose another out_dir")
+        for d in stale:
+            shutil.rmtree(out_dir / d, ignore_errors=True)
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -72,7 +72,8 @@ from .engine import (IDX_MAX, BlockRunner, check_block_sizes, prepare_block,
                      run_pass, select_window)
 from .graphs import GraphSpec
 from .mine import (MineResult, _parse_block, check_engine_numbers, check_formats,
-                   check_out_dir, finish_outputs, fit_dtype, graph_specs, open_inputs,
+                   check_out_dir, check_out_vs_inputs, finish_outputs, fit_dtype, graph_specs,
+                   open_inputs,
                    prepare_out_dir, resolve_dtype, run_state)
 from .sources import RowBlock, Source, open_source
 
@@ -618,7 +619,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
              dtype: Optional[str] = None, block_size=None, batch_size: Optional[int] = None,
              overwrite: bool = False, progress: bool = True, plot: bool = True,
              threads: Optional[int] = None, embedding_column: str = "embedding",
-             label_column: str = "label", id_column: str = "id",
+             label_column: str = "label", id_column: Optional[str] = None,
              ray_address: Optional[str] = None, num_actors: Optional[int] = None,
              num_gpus_per_actor: float = 0, num_cpus_per_actor: Optional[float] = None,
              bank_shards: int = 1, max_retries: int = 3, _t_start: Optional[float] = None,
@@ -688,6 +689,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     check_out_dir(out_dir)
     cols = dict(embedding_column=embedding_column, label_column=label_column, id_column=id_column)
     inp = open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg, bq, bm, **cols)
+    check_out_vs_inputs(out_dir, inp)
     dtype, np_dtype = fit_dtype(cfg, inp, dtype, dtype_given)
     qsrc, bsrc, bscan = inp.qsrc, inp.bsrc, inp.bscan
     bq_eff, bm_eff, kc, k_pos = inp.bq_eff, inp.bm_eff, inp.kc, inp.k_pos

@@ -3,8 +3,8 @@
 - numpy arrays (in memory or ``np.load(..., mmap_mode="r")``): ``ArraySource``
 - ``.npy`` files: memory-mapped, never loaded whole
 - Parquet: one file, a list of files or a folder of ``*.parquet`` / ``*.pq`` shards
-  (subfolders included, in sorted path order; names starting with ``.`` or ``_`` are
-  skipped, as pyarrow does), with an embedding column of (fixed-size) lists of floats,
+  (subfolders included, linked ones too, in sorted path order; names starting with ``.``
+  or ``_`` are skipped, as pyarrow does), with an embedding column of (fixed-size) lists of floats,
   an integer label column and an optional integer id column; read a row group at a time
 - a folder holding ``embeddings.npy`` + ``labels.npy`` (+ ``ids.npy``)
 
@@ -28,6 +28,7 @@ import numpy as np
 SENTINEL = np.iinfo(np.int64).min  # reserved: padding / excluded rows
 I64_MAX = np.iinfo(np.int64).max
 PARQUET_SUFFIXES = (".parquet", ".pq")
+DEFAULT_ID_COLUMN = "id"  # read when present, unless another id column is named
 NPY_NAMES = ("embeddings.npy", "labels.npy", "ids.npy")
 
 # how the error messages name each argument: (Python argument, command-line option)
@@ -72,6 +73,8 @@ class Source:
     dim: int
     has_ids: bool
     name: str
+    paths: Sequence[Path] = ()  # the files it reads
+    root: Optional[Path] = None  # the folder it was found in (folder inputs)
 
     def read(self, start: int, stop: int) -> RowBlock:  # pragma: no cover
         raise NotImplementedError
@@ -131,6 +134,7 @@ class ArraySource(Source):
     def __init__(self, emb, labels, ids=None, name: str = "embeddings",
                  side: Optional[str] = None):
         side = side or name
+        self.paths = [Path(v) for v in (emb, labels, ids) if isinstance(v, (str, os.PathLike))]
         if isinstance(emb, (str, os.PathLike)):
             emb = _load_npy(emb, arg_name(side, "data"))
         if isinstance(labels, (str, os.PathLike)):
@@ -153,7 +157,8 @@ class ArraySource(Source):
         self.side = side
 
     def read(self, start, stop):
-        emb = np.asarray(self.emb[start:stop], dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, excluded like inf
+            emb = np.asarray(self.emb[start:stop], dtype=np.float32)
         labels, ok = _int_labels(self.labels[start:stop], arg_name(self.side, "labels"))
         if self.ids is not None:
             ids = _int_ids(self.ids[start:stop], arg_name(self.side, "ids"))
@@ -166,14 +171,19 @@ class ParquetSource(Source):
     """Rows of one or more Parquet files, read a row group at a time."""
 
     def __init__(self, files: Sequence[Union[str, Path]], embedding_column="embedding",
-                 label_column="label", id_column: Optional[str] = "id", name=None,
+                 label_column="label", id_column: Optional[str] = None, name=None,
                  side: str = "queries"):
+        """``id_column=None`` reads the column ``id`` where every file has it (else the
+        ids are row numbers); a column named explicitly must be in every file."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.side = side
+        id_required = id_column is not None
+        id_column = DEFAULT_ID_COLUMN if id_column is None else id_column
 
         self.files = [Path(f) for f in files]
+        self.paths = self.files
         if not self.files:
             raise ValueError(f"no Parquet files given for {name or 'input'}")
         self.name = name or str(self.files[0] if len(self.files) == 1 else self.files[0].parent)
@@ -197,11 +207,16 @@ class ParquetSource(Source):
                         f"{what}: {f} has no column {col!r} ({opt}; columns: {names})"
                         + ("; Hive-style partition folders (key=value) are not read as "
                            "columns" if hive else ""))
-            this_has = id_column is not None and id_column in names
+            self._check_embedding_type(f, pf.schema_arrow.field(embedding_column).type)
+            this_has = id_column in names
+            if id_required and not this_has:
+                raise ValueError(f"{what}: {f} has no id column {id_column!r} (--id-column; "
+                                 f"columns: {names})")
             if has_ids is None:
                 has_ids = this_has
             elif has_ids != this_has:
-                raise ValueError(f"{f}: id column {id_column!r} present in some shards only")
+                raise ValueError(f"{what}: {f}: id column {id_column!r} present in some shards "
+                                 "only")
             self._pf.append(pf)
             md = pf.metadata
             for g in range(md.num_row_groups):
@@ -215,6 +230,20 @@ class ParquetSource(Source):
         self._starts = np.array([g[2] for g in self._groups] + [self.n], dtype=np.int64)
         self._cache = (None, None)
         self.dim = self._probe_dim()
+
+    def _check_embedding_type(self, f: Path, t) -> None:
+        """The embedding column must be a (fixed-size / large) list of integers or floats."""
+        import pyarrow as pa
+
+        what = arg_name(self.side, "data")
+        if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t)
+                or pa.types.is_large_list(t)):
+            raise ValueError(f"{what}: {f}: column {self.ecol!r} (--embedding-column) must be a "
+                             f"list of floats, got {t}")
+        vt = t.value_type
+        if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
+            raise ValueError(f"{what}: {f}: column {self.ecol!r} (--embedding-column) must be "
+                             f"a list of floats (or integers), got a list of {vt}")
 
     def _read_group(self, fi: int, g: int, cols):
         """Row group ``g`` of file ``fi``; a file that turns out damaged (truncated,
@@ -237,8 +266,6 @@ class ParquetSource(Source):
         t = self._pf[0].schema_arrow.field(self.ecol).type
         if pa.types.is_fixed_size_list(t):
             return int(t.list_size)
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
-            raise ValueError(f"{self.name}: column {self.ecol!r} must be a list of floats, got {t}")
         for fi, g, _, _ in self._groups:
             e = self._read_group(fi, g, [self.ecol]).column(self.ecol)
             for chunk in e.chunks:
@@ -253,6 +280,7 @@ class ParquetSource(Source):
         import pyarrow as pa
 
         fi, g, first, rows = self._groups[gi]
+        fname = f"{arg_name(self.side, 'data')}: {self.files[fi]}"  # errors name the file
         cols = [self.ecol, self.lcol] + ([self.icol] if self.icol else [])
         t = self._read_group(fi, g, cols)
         e = t.column(self.ecol).combine_chunks()
@@ -266,28 +294,32 @@ class ParquetSource(Source):
             width = int(lens[valid][0]) if valid.any() else self.dim
             if np.any(lens[valid] != width):
                 bad = int(first + np.flatnonzero(valid & (lens != width))[0])
-                raise ValueError(f"{self.name}: embedding lists have different lengths "
+                raise ValueError(f"{fname}: embedding lists have different lengths "
                                  f"(row {bad} has {int(lens[bad - first])}, expected {width})")
+        if valid.any() and width != self.dim:
+            raise ValueError(f"{fname}: embedding width {width} differs from {self.dim} (the "
+                             f"width of {self.files[0]})")
         emb = np.full((rows, width), np.nan, dtype=np.float32)
         if valid.any():
             flat = e.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
             emb[valid] = np.asarray(flat, dtype=np.float32).reshape(-1, width)
         lab = t.column(self.lcol)
         if not (pa.types.is_integer(lab.type) or pa.types.is_floating(lab.type)):
-            raise ValueError(f"{self.name}: label column {self.lcol!r} must be integers, got {lab.type}")
+            raise ValueError(f"{fname}: label column {self.lcol!r} (--label-column) must be "
+                             f"integers, got {lab.type}")
         # nulls mark missing labels; the values keep their own type (int64 stays exact)
         lab_ok = ~np.asarray(lab.is_null().to_numpy(), dtype=bool)
         fill = 0.0 if pa.types.is_floating(lab.type) else 0
         lab_np = np.asarray(lab.fill_null(fill).to_numpy())
-        labels, ok = _int_labels(lab_np, f"{self.name}: label column {self.lcol!r}")
+        labels, ok = _int_labels(lab_np, f"{fname}: label column {self.lcol!r}")
         ok &= lab_ok
         labels = np.where(ok, labels, 0)
         if self.icol:
             idc = t.column(self.icol)
             if not pa.types.is_integer(idc.type) or idc.null_count:
-                raise ValueError(f"{self.name}: id column {self.icol!r} must be non-null "
+                raise ValueError(f"{fname}: id column {self.icol!r} must be non-null "
                                  f"integers, got {idc.type} with {idc.null_count} nulls")
-            ids = _int_ids(idc.to_numpy(), f"{self.name}: id column {self.icol!r}")
+            ids = _int_ids(idc.to_numpy(), f"{fname}: id column {self.icol!r}")
         else:
             ids = np.arange(first, first + rows, dtype=np.int64)
         blk = RowBlock(emb, labels, ok, ids)
@@ -317,12 +349,24 @@ class ParquetSource(Source):
                           for f in ("emb", "labels", "label_ok", "ids")))
 
 
-def _scan_folder(p: Path):
+def _scan_folder(p: Path, what: str = "input"):
     """Files under a folder (recursive, sorted; names starting with ``.`` or ``_`` skipped,
     as pyarrow datasets do): (parquet files, .npy files, other files)."""
     parquet, npy, other = [], [], []
-    for root, dirs, files in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+    seen = {os.path.realpath(p)}
+    for root, dirs, files in os.walk(p, followlinks=True):  # linked folders are read too
+        keep = []
+        for d in sorted(dirs):
+            if d.startswith((".", "_")):
+                continue
+            sub = os.path.join(root, d)
+            real = os.path.realpath(sub)
+            if real in seen:  # a link cycle, or two links to one folder
+                raise ValueError(f"{what}: folder {p}: {sub} leads (through links) to {real}, which is "
+                                 "read already: its files would be read twice (or forever)")
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
         for f in sorted(files):
             if f.startswith((".", "_")):
                 continue
@@ -338,7 +382,7 @@ def _listing(paths, root: Path, most: int = 8) -> str:
 
 
 def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
-                label_column="label", id_column="id", name="queries") -> Source:
+                label_column="label", id_column=None, name="queries") -> Source:
     """Build a :class:`Source` from arrays, a ``.npy`` path, a Parquet path/folder, or a
     folder holding ``embeddings.npy`` + ``labels.npy`` (+ ``ids.npy``).
 
@@ -370,7 +414,7 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
     if not p.exists():
         raise ValueError(f"{what}: {p} does not exist")
     if p.is_dir():
-        pq_files, npy_files, other = _scan_folder(p)
+        pq_files, npy_files, other = _scan_folder(p, what)
         if pq_files and npy_files:
             raise ValueError(
                 f"{what}: folder {p} mixes Parquet files ({_listing(pq_files, p)}) and .npy "
@@ -379,7 +423,9 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
             warnings.warn(f"{what}: folder {p}: ignoring {len(other)} file(s) that are neither "
                           f"Parquet nor .npy: {_listing(other, p)}", RuntimeWarning, stacklevel=3)
         if pq_files:
-            return parquet(pq_files, str(p))
+            src = parquet(pq_files, str(p))
+            src.root = p
+            return src
         if npy_files:
             extra = [f for f in npy_files if f.parent != p or f.name not in NPY_NAMES]
             if extra:
@@ -392,7 +438,9 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
             if not Path(lab).is_file():
                 raise ValueError(f"{what}: {p} has embeddings.npy but no labels.npy")
             idp = ids if ids is not None else (p / "ids.npy" if (p / "ids.npy").is_file() else None)
-            return ArraySource(p / "embeddings.npy", lab, idp, name=str(p), side=name)
+            src = ArraySource(p / "embeddings.npy", lab, idp, name=str(p), side=name)
+            src.root = p
+            return src
         raise ValueError(f"{what}: folder {p} holds no Parquet files (*.parquet, *.pq) and no "
                          "embeddings.npy")
     if p.suffix.lower() == ".npy":
