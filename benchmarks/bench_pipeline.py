@@ -271,7 +271,7 @@ def main(argv=None):
         print(f"speed ratio torch / onnxruntime: {tt / t:.2f}x")
         floor, peak = matmul_floor(Q, M, d, bq, bm, device, dtype)
         print(f"{'matmul floor (same blocks)':28s} {floor:8.3f} s  {flops / floor / 1e12:8.2f} "
-              f"TFLOP/s; large square matmul: {peak:.0f} TFLOP/s; the engine takes "
+              f"TFLOP/s; large square matmul: {peak:.3g} TFLOP/s; the engine takes "
               f"{t / floor:.1f}x the matmul floor")
         result.update(torch_over_ort=tt / t, agreement_neg=float(same_neg),
                       agreement_pos=float(same_pos), matmul_floor_s=floor,
