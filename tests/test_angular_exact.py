@@ -212,3 +212,30 @@ def test_dense_kernel_agrees_with_mining():
     m = em.AngularMiner()
     out = decode(m.kernel(x, y, None, None, None), m.layout)
     assert _triplets(out) == _pml(x, y, None, None, 20.0)
+
+
+# bfloat16: PML runs the same ops in bfloat16 (pairwise_distance works there, cdist does
+# not); the float64 shortcut must use bfloat16's rounding, not float64's
+
+@pytest.mark.parametrize("block", range(2))
+def test_bfloat16_parity(block):
+    g = torch.Generator().manual_seed(_seed(f"bf16-{block}"))
+    fails = []
+    for _ in range(20):
+        n = int(torch.randint(3, 20, (1,), generator=g))
+        d = int(torch.randint(2, 12, (1,), generator=g))
+        scale = 10.0 ** float(torch.empty(1).uniform_(-1, 2, generator=g))
+        x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).bfloat16()
+        y = torch.randint(0, 3, (n,), generator=g)
+        angle = _ANGLES[int(torch.randint(0, len(_ANGLES), (1,), generator=g))]
+        ok, msg = _check(x, y, angle=angle)
+        if not ok:
+            fails.append(msg)
+    assert not fails, f"{len(fails)} of 20 differ; first: {fails[0]}"
+
+
+def test_bfloat16_audit_repro():
+    torch.manual_seed(0)
+    x = torch.randn(12, 4).bfloat16()
+    y = torch.randint(0, 3, (12,))
+    _assert(x, y)

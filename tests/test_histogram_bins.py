@@ -27,11 +27,69 @@ def test_single_point_goes_to_the_last_bin():
     assert bin_index(v, histogram_edges(low, high, 5), low, high, 5).tolist() == [4] * 7
 
 
-def test_edges_match_torch_linspace_ends():
-    low, high = torch.tensor(-0.7), torch.tensor(1.9)
-    edges = histogram_edges(low, high, 10)
-    assert edges[0] == low and edges[-1] == high
-    assert torch.allclose(edges, torch.linspace(-0.7, 1.9, 11), atol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_edges_are_torch_linspace(monkeypatch, dtype):
+    """Eager edges are torch.linspace's, bit for bit (PML's bins; its CPU kernel rounds by
+    vector lanes, so a formula differs at thousands of edges); the export path's formula
+    stays within a few ulps of them and keeps both ends exact."""
+    from exportminers import _ops
+    g = torch.Generator().manual_seed(5)
+    for trial in range(50):
+        v = (torch.randn(64, generator=g, dtype=torch.float64) * 3).to(dtype)
+        low, high = v.min(), v.max()
+        num_bins = [1, 2, 7, 30, 100, 1000][trial % 6]
+        want = torch.linspace(low, high, num_bins + 1, dtype=dtype)
+        assert torch.equal(histogram_edges(low, high, num_bins), want), trial
+        with monkeypatch.context() as m:
+            m.setattr(_ops, "is_exporting", lambda: True)
+            formula = histogram_edges(low, high, num_bins)
+        assert formula[0] == low and formula[-1] == high
+        ulp = torch.finfo(dtype).eps * float(max(abs(low), abs(high)))
+        assert float((formula - want).abs().max()) <= 4 * ulp, trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_on_edges_fall_in_pmls_bins(dtype):
+    """Integer-valued dot products sit exactly on many edges: each non-empty PML bin
+    (torch.linspace edges, PML's [s, e) rule) gets exactly pos_per_bin / neg_per_bin
+    pairs, and no pair comes from any other bin."""
+    from collections import Counter
+
+    import pytorch_metric_learning.utils.loss_and_miner_utils as pml_lmu
+
+    import exportminers.distances as ed
+    import exportminers.miners as em
+    g = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        n = 7 + trial
+        x = torch.randint(-4, 5, (n, 2), generator=g).to(dtype) / 2
+        y = torch.randint(0, 3, (n,), generator=g)
+        num_bins = [30, 10, 7, 100][trial % 4]
+        miner = em.UniformHistogramMiner(
+            num_bins=num_bins, pos_per_bin=2, neg_per_bin=3,
+            distance=ed.DotProductSimilarity(normalize_embeddings=False))
+        torch.manual_seed(trial)
+        a1, p, a2, an = miner(x, y)
+        mat = x @ x.T
+        pa1, pp, pa2, pn = pml_lmu.get_all_pairs_indices(y)
+        for (ca, co), (oa, oo), per in (((pa1, pp), (a1, p), 2), ((pa2, pn), (a2, an), 3)):
+            if not len(ca):
+                continue
+            vals = mat[ca, co]
+            edges = torch.linspace(vals.min(), vals.max(), num_bins + 1, dtype=dtype)
+            want = {b: per for b in set(_pml_bin(vals, edges).tolist())}
+            assert Counter(_pml_bin(mat[oa, oo], edges).tolist()) == want, trial
+
+
+def _pml_bin(vals, edges):
+    """PML's bin of each value: the first i with edges[i] <= v < edges[i + 1] (the last
+    bin closed); -1 for none."""
+    out = torch.full(vals.shape, -1, dtype=torch.int64)
+    last = len(edges) - 2
+    for i in range(len(edges) - 1):
+        cond = (edges[i] <= vals) & ((vals < edges[i + 1]) if i != last else (vals <= edges[i + 1]))
+        out[cond & (out < 0)] = i
+    return out
 
 
 # ------------------------------------------------- the kernel's draws, exactly

@@ -269,6 +269,9 @@ def _dtype_consts(dtype: torch.dtype) -> Tuple[float, float, float, float, float
     accumulation, largest magnitude of |a| + |p| + |n| kept clear of overflow)``."""
     if dtype == torch.float16:   # pairwise_distance accumulates half in float32
         return 2.0 ** -11, 2.0 ** -24, 2.0 ** -24, 2.0 ** -149, 65504.0 / 8.0
+    if dtype == torch.bfloat16:  # the accumulation's precision is taken as bfloat16's own
+        return (2.0 ** -8, 2.0 ** -133, 2.0 ** -8, 2.0 ** -133,
+                math.sqrt(3.4028234663852886e38) / 8.0)
     if dtype == torch.float32:
         return (2.0 ** -24, 2.0 ** -149, 2.0 ** -24, 2.0 ** -149,
                 math.sqrt(3.4028234663852886e38) / 8.0)

@@ -11,8 +11,17 @@ from .base_miner import PairKernelMiner
 
 
 def histogram_edges(low: Tensor, high: Tensor, num_bins: int) -> Tensor:
-    """``torch.linspace(low, high, num_bins + 1)`` for 0-dim tensor ends (no ``.item()``)."""
+    """``torch.linspace(low, high, num_bins + 1)`` for 0-dim tensor ends, as PML's bins.
+
+    Eager and TorchScript call ``torch.linspace`` itself: its CPU kernel rounds by vector
+    lanes (the edges depend on the machine's vector width) and its CUDA kernel fuses a
+    multiply-add, so no formula reproduces it everywhere, and a value on an edge must fall
+    in PML's bin. An exported graph (ONNX has no linspace) uses the scalar formula
+    ``low + step * i`` below the middle, ``high - step * (steps - 1 - i)`` above, within an
+    ulp or so of torch's edges."""
     steps = num_bins + 1
+    if not _ops.is_exporting():
+        return torch.linspace(low, high, steps, dtype=low.dtype, device=low.device)
     i = torch.arange(steps, device=low.device).to(low.dtype)
     step = (high - low) / float(max(1, steps - 1))
     half = steps // 2
