@@ -175,7 +175,9 @@ class BaseMiner(torch.nn.Module):
         embeddings, labels, ref_emb, ref_labels = check_inputs(
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         if ref_emb is None:
-            ref_emb, ref_labels = embeddings, labels
+            ref_emb = embeddings
+        if ref_labels is None:   # the very labels object: lmu drops self-pairs, as in PML
+            ref_labels = labels
         with torch.no_grad():
             output = self.mine(embeddings, labels, ref_emb, ref_labels)
         self.output_assertion(output)

@@ -108,8 +108,15 @@ def check_inputs(
     with None raises this ValueError (TorchScript lets None through a Tensor argument,
     and such a call leaves the scripted module broken for later calls).
 
+    Reference sets follow PML's identity rule (``ref_labels is labels`` means the
+    reference rows are the batch's rows, so a row is never its own positive): the batch
+    itself passed as reference (``ref_emb is embeddings`` too) is self-mining, returned
+    as ``(None, None)``; the batch's own ``labels`` object with other embeddings (same
+    row count) returns ``ref_labels=None`` with ``ref_emb``, which the kernels mine as
+    self-mining labels over ``ref_emb``'s distances.
+
     Returns:
-        (embeddings, labels as int64, ref_emb, ref_labels as int64 or None)
+        (embeddings, labels as int64, ref_emb or None, ref_labels as int64 or None)
     """
     if not torch.jit.is_scripting():   # TorchScript's signature already checks types
         require_tensors([("embeddings", embeddings, False), ("labels", labels, False),
@@ -120,6 +127,7 @@ def check_inputs(
         raise ValueError("labels is required, got None")
     check_embeddings(embeddings, "embeddings", check_finite)
     check_labels(labels, "labels", embeddings.size(0), "embeddings")
+    given_labels = labels
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
     if ref_emb is None:
         if ref_labels is not None:
@@ -144,6 +152,10 @@ def check_inputs(
             f"they must match"
         )
     check_labels(ref_labels, "ref_labels", ref_emb.size(0), "ref_emb")
+    if ref_labels is given_labels:   # PML: the batch's rows (no self-pairs)
+        if ref_emb is embeddings:
+            return embeddings, labels, None, None
+        return embeddings, labels, ref_emb, None
     ref_labels = ref_labels.to(device=embeddings.device, dtype=torch.int64)
     return embeddings, labels, ref_emb, ref_labels
 
