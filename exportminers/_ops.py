@@ -6,12 +6,33 @@ an export variant chosen while ``torch.export`` / ``torch.onnx.export`` traces. 
 variants return identical values; tests check that.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_GRAPH_ARITHMETIC = [False]   # set by graph_arithmetic(): eager runs the export variants
+
+
+@contextlib.contextmanager
+def graph_arithmetic():
+    """Run eager (not TorchScript) code with the export variants: the exported graph's
+    own arithmetic, computed by torch. They equal the eager variants except where a
+    graph computes otherwise on purpose (float16 L_p in float32, rounded once; the
+    Atan-free angle test); :func:`exportminers.verify.verify_graph` checks float16 graphs
+    against this, so that ONNX Runtime is compared with the same math."""
+    before = _GRAPH_ARITHMETIC[0]
+    _GRAPH_ARITHMETIC[0] = True
+    try:
+        yield
+    finally:
+        _GRAPH_ARITHMETIC[0] = before
+
 
 def _python_is_exporting() -> bool:
+    if _GRAPH_ARITHMETIC[0]:
+        return True
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_exporting"):
         if compiler.is_exporting():
@@ -129,16 +150,16 @@ def _merge_searchsorted(sorted_rows: Tensor, values: Tensor, right: bool) -> Ten
     return out
 
 
-def normalize(x: Tensor, p: float) -> Tensor:
-    """``torch.nn.functional.normalize(x, p, dim=1)``.
+def normalize(x: Tensor, p: float, eps: float = 1e-12) -> Tensor:
+    """``torch.nn.functional.normalize(x, p, dim=1, eps=eps)``.
 
     When exporting it divides by the clamped norm with broadcasting: ``F.normalize``'s
     ``expand_as`` would make the graph compute shapes (same values).
     """
     if is_exporting():
         norm = torch.linalg.vector_norm(x, ord=p, dim=1, keepdim=True)
-        return x / norm.clamp_min(1e-12)
-    return F.normalize(x, p=p, dim=1)
+        return x / norm.clamp_min(eps)
+    return F.normalize(x, p=p, dim=1, eps=eps)
 
 
 def masked_extreme_value(values: Tensor, mask: Tensor, largest: bool) -> Tensor:

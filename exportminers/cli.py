@@ -116,6 +116,9 @@ def plan_exports(miners_arg: Optional[str], config_file: Optional[str],
     for name in custom:
         if name not in registry.MINERS:
             raise SystemExit(f"--config: unknown miner {name!r}; built-in miners: {sorted(registry.MINERS)}")
+        if miners_arg and name not in names:
+            raise SystemExit(f"--config {config_file}: configures {name}, which is not among "
+                             f"--miners ({', '.join(names)}); add it there or drop --miners")
     overrides: Dict[str, Dict[str, Any]] = {}
     for item in sets:
         key, sep, value = item.partition("=")
@@ -192,6 +195,17 @@ def run_export(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise SystemExit(f"--sizes {args.sizes!r}: batch sizes must be positive")
     plan = plan_exports(args.miners, args.config, args.set or [])
+    built: Dict[Tuple[str, int, bool], Any] = {}   # every configuration checked up front
+    bad = []
+    for name, index, cfg, custom in plan:
+        try:
+            built[(name, index, custom)] = build_miner(name, cfg)
+        except ValueError as e:
+            where = f"--config/--set {name}[{index}]" if custom else f"{name}[{index}]"
+            bad.append(f"{where}: {str(e).splitlines()[0]}")
+    if bad:
+        raise SystemExit("exportminers export: bad miner configuration(s), nothing exported:\n  "
+                         + "\n  ".join(bad))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"--out {args.out}: exists and is not a folder")
     try:
@@ -219,7 +233,7 @@ def run_export(args: argparse.Namespace) -> int:
             entries.append(entry)
             continue
         try:
-            miner = build_miner(name, cfg)
+            miner = built[(name, index, custom)]
             export_onnx(miner, path, embedding_dim=args.embedding_dim, with_ref=args.with_ref,
                         dtype=dtype, opset=args.opset, compact=args.compact,
                         anchor_blocks=args.anchor_blocks)
@@ -242,6 +256,9 @@ def run_export(args: argparse.Namespace) -> int:
         entries.append(entry)
         if not args.quiet:
             _print_row(entry, header=len(entries) == 1)
+        elif entry["status"] in ("failed", "mismatch"):   # -q: errors only
+            print(f"{fname}: {entry['status']}"
+                  + (f": {entry['error']}" if entry.get("error") else ""), file=sys.stderr)
     manifest = {"exportminers_version": __version__, "torch_version": torch.__version__,
                 "dtype": args.dtype, "with_ref": args.with_ref,
                 "anchor_blocks": args.anchor_blocks, "embedding_dim": args.embedding_dim,
@@ -324,10 +341,18 @@ def run_demo(args: argparse.Namespace) -> int:
     from .runtime import OnnxMiner
     from .verify import eager_tuples, random_batch
 
+    from . import registry
+    if args.miner not in registry.MINERS:
+        raise SystemExit(f"--miner {args.miner!r}: unknown; built-in miners: "
+                         f"{sorted(registry.MINERS)}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: must be positive")
     miner = build_miner(args.miner, {})
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(miner, os.path.join(tmp, "miner.onnx"), embedding_dim=16)
         om = OnnxMiner(path, seed=0)
+        # a batch the miner takes (EmbeddingsAlreadyPackagedAsTriplets: whole triplets)
+        args.batch_size = -(-args.batch_size // om.batch_multiple) * om.batch_multiple
         batch = random_batch(args.batch_size, 16, seed=0)
         out = om(batch["embeddings"], batch["labels"])
         out = [out] if isinstance(out, np.ndarray) else list(out)

@@ -176,8 +176,10 @@ def _miner_name(miner: nn.Module) -> str:
 def miner_config(miner: nn.Module) -> Dict[str, Any]:
     """The constructor configuration of a miner, as JSON-able values.
 
-    Read from the attributes named like the constructor's arguments; the distance is
-    described by its class and arguments.
+    Read from the attributes named like the constructor's arguments, then from the
+    miner's ``constructor_overrides()`` where it stores an argument otherwise (e.g. an
+    angle in radians); the distance is described by its class and arguments.
+    ``build_miner(name, miner_config(m))`` rebuilds ``m``.
     """
     skip = {"self", "distance", "normalize_embeddings", "use_similarity", "squared_distances",
             "collect_stats", "loss_function", "mining_function"}
@@ -198,6 +200,9 @@ def miner_config(miner: nn.Module) -> Dict[str, Any]:
             except (TypeError, ValueError):
                 value = repr(value)
             cfg[name] = value
+    overrides = getattr(miner, "constructor_overrides", None)
+    if callable(overrides):
+        cfg.update(overrides())
     dist = getattr(miner, "distance", None)
     if isinstance(dist, nn.Module):
         cfg["distance"] = {"class": type(dist).__name__,
@@ -697,24 +702,45 @@ def build_miner(name: str, config: Optional[Dict[str, Any]] = None) -> nn.Module
     ``MaximumLossMiner`` defaults to ``losses.TripletMarginLoss()``. ``distance`` may be
     ``{"class": "CosineSimilarity", ...kwargs}``.
     """
-    from . import registry
+    from . import distances, losses, miners, registry
     spec = registry.get(name)
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{name}: a configuration must be a mapping, got "
+                         f"{type(config).__name__}")
     cfg = dict(config or {})
-    if isinstance(cfg.get("loss_function"), str):
-        from . import losses
-        cfg["loss_function"] = getattr(losses, cfg["loss_function"])()
-    if isinstance(cfg.get("mining_function"), str):
-        from . import miners
-        cfg["mining_function"] = getattr(miners, cfg["mining_function"])()
+
+    def named(module, kind: str, key: str, value):
+        cls = getattr(module, value, None) if isinstance(value, str) else None
+        if not isinstance(cls, type):
+            known = sorted(k for k, v in vars(module).items()
+                           if isinstance(v, type) and not k.startswith(("_", "Base")))
+            raise ValueError(f"{name}: {key}={value!r} is not an exportminers {kind}; "
+                             f"choose from {known}")
+        return cls
+
+    for key, module, kind in (("loss_function", losses, "loss"),
+                              ("mining_function", miners, "miner")):
+        if isinstance(cfg.get(key), str):
+            try:
+                cfg[key] = named(module, kind, key, cfg[key])()
+            except TypeError as e:
+                raise ValueError(f"{name}: {key}={cfg[key]!r}: {e}") from None
     if isinstance(cfg.get("distance"), dict):
-        from . import distances
         dcfg = dict(cfg["distance"])
-        cls = getattr(distances, dcfg.pop("class"))
-        cfg["distance"] = cls(**dcfg)
+        if "class" not in dcfg:
+            raise ValueError(f"{name}: distance needs a 'class' key (e.g. {{\"class\": "
+                             f"\"CosineSimilarity\"}}), got {sorted(dcfg)}")
+        cls = named(distances, "distance", "distance class", dcfg.pop("class"))
+        try:
+            cfg["distance"] = cls(**dcfg)
+        except TypeError as e:
+            raise ValueError(f"{name}: distance {cls.__name__}: {e}") from None
     if name == "MaximumLossMiner" and "loss_function" not in cfg:
-        from . import losses
         cfg["loss_function"] = losses.TripletMarginLoss()
-    return spec.build(**cfg)
+    try:
+        return spec.build(**cfg)
+    except TypeError as e:   # an unknown or missing argument
+        raise ValueError(f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------- TorchScript

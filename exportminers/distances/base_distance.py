@@ -50,14 +50,26 @@ class BaseDistance(torch.nn.Module):
             if ref_emb.size(1) != query_emb.size(1):
                 raise ValueError(f"ref_emb has embedding size {ref_emb.size(1)} but query_emb "
                                  f"has {query_emb.size(1)}; they must match")
-        q = self.maybe_normalize(query_emb)
+        # a float16 graph computes in float32 and rounds once at the end: ONNX Runtime's
+        # CPU EP runs chains of float16 ops in float32 without rounding between them, so
+        # rounding each step (normalisation included) would differ from torch's
+        half = query_emb.dtype == torch.float16 and _ops.is_exporting()
+        eps = 1e-12
+        if half:
+            query_emb = query_emb.float()
+            if ref_emb is not None:
+                ref_emb = ref_emb.float()
+            eps = 0.0   # F.normalize's 1e-12 in float16: a zero row still gives NaN, as PML's
+        # (eps passed only then: a subclass's own maybe_normalize(embeddings) keeps working)
+        q = self.maybe_normalize(query_emb, eps=eps) if half else self.maybe_normalize(query_emb)
         if ref_emb is None:
             mat = self.compute_mat(q, q, True)
         else:
-            mat = self.compute_mat(q, self.maybe_normalize(ref_emb), False)
+            r = self.maybe_normalize(ref_emb, eps=eps) if half else self.maybe_normalize(ref_emb)
+            mat = self.compute_mat(q, r, False)
         if self.power != 1:
             mat = mat ** self.power
-        return mat
+        return mat.half() if half else mat
 
     def compute_mat(self, query_emb: Tensor, ref_emb: Tensor, is_self: bool) -> Tensor:
         raise NotImplementedError
@@ -75,14 +87,14 @@ class BaseDistance(torch.nn.Module):
         """How far ``x`` is beyond ``y`` in the "farther" direction."""
         return y - x if self.is_inverted else x - y
 
-    def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+    def normalize(self, embeddings: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
         if dim == 1:
-            return _ops.normalize(embeddings, self.p)
-        return F.normalize(embeddings, p=self.p, dim=dim)
+            return _ops.normalize(embeddings, self.p, eps)
+        return F.normalize(embeddings, p=self.p, dim=dim, eps=eps)
 
-    def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+    def maybe_normalize(self, embeddings: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
         if self.normalize_embeddings:
-            return self.normalize(embeddings, dim=dim)
+            return self.normalize(embeddings, dim=dim, eps=eps)
         return embeddings
 
     def get_norm(self, embeddings: Tensor, dim: int = 1) -> Tensor:

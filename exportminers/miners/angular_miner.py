@@ -467,6 +467,10 @@ class AngularMiner(DenseTripletKernelMiner):
         self.add_to_recordable_attributes(name="angle")
         self.add_to_recordable_attributes(list_of_names=ANGLE_STATS, is_stat=True)
 
+    def constructor_overrides(self):
+        """Constructor arguments stored otherwise (``angle`` is kept in radians)."""
+        return {"angle": self.angle_degrees}
+
     def reset_miner_stats(self) -> None:
         self.average_angle = 0.0
         self.average_angle_above_threshold = 0.0

@@ -275,6 +275,10 @@ class TripletMarginMiner(DenseTripletKernelMiner):
     pos_pair_dist: float
     neg_pair_dist: float
 
+    def constructor_overrides(self):
+        """Constructor arguments stored otherwise (the cap is ``cap``, 0 for none)."""
+        return {"max_triplets_per_anchor": self.cap if self.cap > 0 else None}
+
     def __init__(self, margin: float = 0.2, type_of_triplets: str = "all",
                  max_triplets_per_anchor: Optional[int] = None, cap_order: str = "hardest",
                  **kwargs):

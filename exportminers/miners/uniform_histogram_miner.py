@@ -199,6 +199,11 @@ class UniformHistogramMiner(PairKernelMiner):
         if noise is None:
             raise ValueError("UniformHistogramMiner.kernel needs noise of shape [2, num_bins, K]")
         mat = self.distance(embeddings, ref_emb)
+        if _ops.is_exporting() and mat.dtype == torch.float16:
+            # a float16 graph bins in float32 (exact values, float32 edges): ONNX Runtime's
+            # CPU EP runs chains of float16 ops in float32 without rounding between them,
+            # so float16 edges and bin tests would come out otherwise than torch's
+            mat = mat.float()
         pos, neg = lmu.pair_masks(labels, ref_labels)
         return uniform_histogram_miner(mat, pos, neg, self.num_bins,
                                        noise[0, :, :self.pos_per_bin],

@@ -103,6 +103,13 @@ def check_ref_given(ref_emb, ref_labels) -> None:
 
 
 def _as_array(x, name: str) -> np.ndarray:
+    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) and not hasattr(x, "__array__"):
+        try:   # a DLPack producer without __array__ (an OrtValue, a CuPy array, ...)
+            return np.from_dlpack(x)
+        except Exception as e:
+            raise ValueError(
+                f"{name} could not be read as a host array ({e}); pass it on the same device "
+                "as the embeddings (device inputs go through IOBinding together)") from None
     try:
         return np.asarray(x)
     except Exception as e:  # e.g. a CUDA tensor: no host view

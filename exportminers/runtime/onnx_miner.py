@@ -60,6 +60,18 @@ def _is_host(x) -> bool:
     return not hasattr(x, "__dlpack__")
 
 
+def _dtype_name(dt) -> str:
+    """A dtype as numpy names it, whether given by torch, numpy or ONNX ('tensor(float)')."""
+    if isinstance(dt, str) and dt.startswith("torch."):
+        return dt[len("torch."):]
+    if isinstance(dt, str) and dt in _ONNX_TO_NP:
+        return np.dtype(_ONNX_TO_NP[dt]).name
+    try:
+        return np.dtype(dt).name
+    except TypeError:
+        return str(dt)
+
+
 def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
@@ -153,6 +165,14 @@ class OnnxMiner:
                 self.path, sess_options=session_options, providers=list(providers),
                 provider_options=provider_options)
         except Exception as e:
+            text = str(e)
+            if "fallback" in text.lower() and "disable" in text.lower():
+                raise ValueError(
+                    f"path {self.path!r}: ONNX Runtime cannot place every node on providers "
+                    f"{list(providers)} with CPU fallback disabled (session_options: "
+                    f"session.disable_cpu_ep_fallback=1); available here: "
+                    f"{ort.get_available_providers()} ({type(e).__name__}: "
+                    f"{text.strip()[:300]})") from e
             if type(e).__name__ in ("InvalidProtobuf", "InvalidGraph", "Fail", "InvalidArgument",
                                     "NoSuchFile"):
                 raise ValueError(f"path {self.path!r}: ONNX Runtime cannot load it as an ONNX "
@@ -389,7 +409,9 @@ class OnnxMiner:
         if return_raw:
             out = []
             types = {o.name: o.type for o in self.session.get_outputs()}
-            for name, dims in zip(self.output_names, self.output_shapes or [[]] * len(self.output_names)):
+            # compact graphs record no shapes: their outputs are 1-D, of any length
+            for name, dims in zip(self.output_names,
+                                  self.output_shapes or [[0]] * len(self.output_names)):
                 shape = [n if s == "N" else m if s == "M" else (s if isinstance(s, int) else 0)
                          for s in dims]
                 out.append(np.zeros(shape, dtype=_ONNX_TO_NP.get(types[name], np.float32)))
@@ -461,7 +483,18 @@ class OnnxMiner:
                 "b" if x.dtype == torch.bool else ("o" if x.is_complex() else "i"))
             dtype_name = str(x.dtype)
         else:
-            ov = ort.OrtValue.from_dlpack(x)
+            contiguous = ("ONNX Runtime needs a contiguous tensor; pass a contiguous one, or "
+                          "a torch tensor or numpy array, which are made contiguous")
+            if x.__dlpack_device__()[0] in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+                view = np.from_dlpack(x)   # a host view: its strides can be checked here
+                if not view.flags.c_contiguous:
+                    raise ValueError(f"{name}: ONNX Runtime cannot take this DLPack input "
+                                     f"(strided, not contiguous): {contiguous}")
+            try:
+                ov = ort.OrtValue.from_dlpack(x)
+            except Exception as e:  # e.g. strided: ONNX Runtime takes contiguous tensors only
+                raise ValueError(f"{name}: ONNX Runtime cannot take this DLPack input "
+                                 f"({contiguous}): {str(e).strip().splitlines()[-1][:200]}") from None
             shape = list(ov.shape())
             kind = checks_np.dtype_kind(ov.data_type())
             dtype_name = ov.data_type()
@@ -478,10 +511,19 @@ class OnnxMiner:
             import torch
             target = (torch.float16 if self.dtype == np.float16 else torch.float32) \
                 if want_float else torch.int64
-            x = x.detach().to(target).contiguous()
+            from ..utils.checks import require_finite  # the eager miners' check
             if want_float and self.check_finite:
-                from ..utils.checks import require_finite  # the eager miners' check
-                require_finite(x, name)
+                require_finite(x, name)   # NaN/inf in the input itself
+            narrows = want_float and x.dtype != target
+            x = x.detach().to(target).contiguous()
+            if narrows and self.check_finite:
+                try:
+                    require_finite(x, name)
+                except ValueError:
+                    raise ValueError(
+                        f"{name} has values beyond {self.dtype.name}'s range (largest "
+                        f"{float(np.finfo(self.dtype).max):g}), the graph's input type; "
+                        "rescale them or export a wider graph") from None
             return x, shape, dtype_name
         if np.dtype(_ONNX_TO_NP.get(dtype_name, np.void)) != want:
             raise ValueError(f"{name}: a DLPack input must already have dtype {want.name} "
@@ -513,8 +555,9 @@ class OnnxMiner:
         n = int(emb_shape[0])
         lab, _, _ = self._prepare_bound(labels, "labels", False, n, "embeddings")
         ref, ref_shape, ref_dt = self._prepare_bound(ref_emb, "ref_emb", True, None, "")
-        if ref is not None:
-            checks_np.check_pair_meta(emb_shape, emb_dt, ref_shape, ref_dt)
+        if ref is not None:   # torch, numpy and ONNX dtype names compared as one kind
+            checks_np.check_pair_meta(emb_shape, _dtype_name(emb_dt), ref_shape,
+                                      _dtype_name(ref_dt))
         m = n if ref is None else int(ref_shape[0])
         ref_lab, _, _ = self._prepare_bound(ref_labels, "ref_labels", False, m, "ref_emb")
         self._check_graph_args(emb_shape, ref is not None)
@@ -529,6 +572,13 @@ class OnnxMiner:
         dev_type, dev_id = emb.__dlpack_device__()
         out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
         per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw)
+        if per < n and not self.anchor_blocks:   # anchor blocks slice the inputs
+            for what, v in (("embeddings", emb), ("labels", lab)):
+                if not (_is_torch(v) or isinstance(v, np.ndarray)):
+                    raise ValueError(
+                        f"{what}: mining in anchor blocks ({per} of {n} rows a call) slices "
+                        "the inputs, which works for torch tensors and numpy arrays only, not "
+                        f"{type(v).__name__}; pass one of those, or no chunk_size")
 
         def run(s: int, e: int):
             binding = self.session.io_binding()
