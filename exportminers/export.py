@@ -788,6 +788,10 @@ class TorchScriptMiner(nn.Module):
         self.module = module
 
     def forward(self, *args, **kwargs):
+        from .utils.checks import require_tensors
+        names = ("embeddings", "labels", "ref_emb", "ref_labels")
+        given = list(zip(names, args)) + [(k, v) for k, v in kwargs.items() if k in names]
+        require_tensors([(n, v, n.startswith("ref")) for n, v in given])   # as eager
         try:
             return self.module(*args, **kwargs)
         except torch.jit.Error as e:
@@ -799,7 +803,21 @@ class TorchScriptMiner(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             module = super().__getattr__("module")
-            return getattr(module, name)
+            value = getattr(module, name)
+            if not callable(value) or isinstance(value, nn.Module):
+                return value
+
+            def call(*args, **kwargs):   # exported methods (set_idx_externally ...)
+                try:
+                    return value(*args, **kwargs)
+                except torch.jit.Error as e:
+                    _reraise_script_error(e)
+                    raise
+                except RuntimeError as e:   # argument types TorchScript refuses
+                    if "Expected a value of type" in str(e):
+                        raise ValueError(f"{name}: {str(e).splitlines()[0]}") from None
+                    raise
+            return call
 
 
 def load_torchscript(path: Union[str, os.PathLike], map_location=None) -> TorchScriptMiner:

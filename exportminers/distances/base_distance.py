@@ -77,11 +77,16 @@ class BaseDistance(torch.nn.Module):
     def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def smallest_dist(self, x: Tensor, dim: int):
-        return torch.max(x, dim=dim) if self.is_inverted else torch.min(x, dim=dim)
+    @torch.jit.unused
+    def smallest_dist(self, *args, **kwargs):
+        """``torch.min`` (``torch.max`` for similarities) with any of its signatures, as
+        PML's: the closest value(s)."""
+        return torch.max(*args, **kwargs) if self.is_inverted else torch.min(*args, **kwargs)
 
-    def largest_dist(self, x: Tensor, dim: int):
-        return torch.min(x, dim=dim) if self.is_inverted else torch.max(x, dim=dim)
+    @torch.jit.unused
+    def largest_dist(self, *args, **kwargs):
+        """``torch.max`` (``torch.min`` for similarities), as PML's: the farthest."""
+        return torch.min(*args, **kwargs) if self.is_inverted else torch.max(*args, **kwargs)
 
     def margin(self, x: Tensor, y: Tensor) -> Tensor:
         """How far ``x`` is beyond ``y`` in the "farther" direction."""

@@ -484,6 +484,9 @@ class AngularMiner(DenseTripletKernelMiner):
         """PML's, in degrees, over every triplet the labels allow: mean, min, max and
         standard deviation of the angle, and the means above and below ``angle`` (each
         set only when it has values)."""
+        m = embeddings.size(0) if ref_emb is None else ref_emb.size(0)
+        if embeddings.size(0) == 0 or m == 0:   # nothing mined: the statistics stay at 0
+            return
         rows, shared = angular_terms(embeddings, embeddings if ref_emb is None else ref_emb)
         pos, neg = lmu.pair_masks(labels, ref_labels)
         c = angle_sums(rows, shared, pos, neg, self.angle)

@@ -72,6 +72,19 @@ def resolve_distance(distance, default: BaseDistance, normalize_embeddings: Opti
     return type(default)(normalize_embeddings=norm, p=default.p, power=default.power)
 
 
+def _takes_two(method) -> bool:
+    """Whether a custom ``mine`` has the older two-argument form ``mine(embeddings, labels)``."""
+    import inspect
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 2
+
+
 class BaseMiner(torch.nn.Module):
     """Base of every miner.
 
@@ -90,6 +103,7 @@ class BaseMiner(torch.nn.Module):
     num_pos_pairs: int
     num_neg_pairs: int
     num_triplets: int
+    normalize_input: bool
     check_finite: bool
     collect_stats: bool
     _record_these: List[str]
@@ -105,6 +119,9 @@ class BaseMiner(torch.nn.Module):
                                          squared_distances)
         self.collect_stats = bool(collect_stats)
         self.check_finite = bool(check_finite)
+        # older API: BaseMiner(normalize_embeddings=True) normalised the embeddings a
+        # custom mine() receives (built-in miners leave it to their distance)
+        self.normalize_input = normalize_embeddings is True
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
         self.num_triplets = 0
@@ -174,12 +191,19 @@ class BaseMiner(torch.nn.Module):
             setattr(self, n, 0)
         embeddings, labels, ref_emb, ref_labels = check_inputs(
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
+        if self.normalize_input:   # older API: mine() sees normalised embeddings
+            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+            if ref_emb is not None:
+                ref_emb = torch.nn.functional.normalize(ref_emb, p=2, dim=1)
         if ref_emb is None:
             ref_emb = embeddings
         if ref_labels is None:   # the very labels object: lmu drops self-pairs, as in PML
             ref_labels = labels
         with torch.no_grad():
-            output = self.mine(embeddings, labels, ref_emb, ref_labels)
+            if _takes_two(self.mine):   # older API: mine(embeddings, labels)
+                output = self.mine(embeddings, labels)
+            else:
+                output = self.mine(embeddings, labels, ref_emb, ref_labels)
         self.output_assertion(output)
         return output
 

@@ -31,8 +31,9 @@ def triplet_means(mat: Tensor, pos: Tensor, neg: Tensor) -> Tuple[float, float]:
     total = (n_pos * n_neg).sum()
     if float(total) == 0.0:
         return float("nan"), float("nan")
-    ap = (torch.where(pos, m64, zero) * n_neg).sum() / total
-    an = (torch.where(neg, m64, zero) * n_pos).sum() / total
+    # only anchors with triplets (an inf value times a zero count would give NaN)
+    ap = (torch.where(pos & (n_neg > 0), m64, zero) * n_neg).sum() / total
+    an = (torch.where(neg & (n_pos > 0), m64, zero) * n_pos).sum() / total
     return float(ap), float(an)
 
 
