@@ -8,11 +8,15 @@ For the miner's default configuration at batch size N (the benchmark's inputs), 
 and writes ``profile_<Miner>_<N>.md``:
 
 1. the split of one ``OnnxMiner`` call on CPU: input checks, ``session.run``, decoding
-   (medians over ``--runs`` calls);
+   (medians over ``--runs`` calls after one warm-up call);
 2. ONNX Runtime's own profile (``SessionOptions.enable_profiling``): kernel time per
-   operator type and the most expensive nodes, with the share of the graph's time;
+   operator type and the most expensive nodes, median per run over the ``--runs`` runs
+   after the warm-up run, with the share of the graph's (median) kernel time.
+
+ONNX Runtime sessions use the benchmark's options (``benchmarks.worker``: ``--threads``
+intra-op threads and exportminers' default CPU options, the shared lean arena).
 3. ``torch.profiler`` of PML eager and of exportminers eager: the ATen ops with the most
-   self CPU time.
+   self CPU time (after one warm-up call).
 """
 import argparse
 import json
@@ -31,29 +35,66 @@ def _median(xs: List[float]) -> float:
     return 0.0 if k == 0 else (xs[k // 2] if k % 2 else 0.5 * (xs[k // 2 - 1] + xs[k // 2]))
 
 
-def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
-    """Split of an OnnxMiner call and ONNX Runtime's per-node kernel times."""
+def _feeds(om, x, y) -> Dict[str, Any]:
+    """The graph's feeds for one whole batch, as OnnxMiner builds them (numpy inputs)."""
     import numpy as np
+    feeds = {"embeddings": np.ascontiguousarray(x.astype(om.dtype, copy=False)),
+             "labels": np.ascontiguousarray(y)}
+    if getattr(om, "anchor_blocks", False):
+        feeds["anchor_index"] = np.arange(x.shape[0], dtype=np.int64)
+    if om.is_random:
+        feeds["noise"] = om._noise(x.shape[0], x.shape[0], None, None)
+    return feeds
+
+
+def session_options(threads: int, profile_prefix: Optional[str] = None):
+    """The benchmark's ONNX Runtime CPU session options (benchmarks.worker: ``threads``
+    intra-op threads and exportminers' default CPU options, the shared lean arena), with
+    ONNX Runtime's profiler on when ``profile_prefix`` is given."""
+    from .worker import cpu_session_options
+    so = cpu_session_options(threads)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def _per_run(events: List[Dict[str, Any]]):
+    """ONNX Runtime profile events grouped by ``model_run``: a list, in run order, of
+    (model_run us, {node: (op, kernel us)})."""
+    runs = sorted((ev for ev in events if ev.get("cat") == "Session"
+                   and ev.get("name") == "model_run"), key=lambda ev: ev["ts"])
+    per = [(float(r["dur"]), {}) for r in runs]
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        ts = ev["ts"]
+        for (dur, nodes), r in zip(per, runs):
+            if r["ts"] <= ts <= r["ts"] + r["dur"]:
+                node = ev["name"][:-len("_kernel_time")]
+                op = ev.get("args", {}).get("op_name", "?")
+                prev = nodes.get(node, (op, 0.0))[1]
+                nodes[node] = (op, prev + float(ev["dur"]))
+                break
+    return per
+
+
+def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
+    """Split of an OnnxMiner call and ONNX Runtime's per-node kernel times: medians over
+    the calls after the first (warm-up) one, with the benchmark's session options."""
     import onnxruntime as ort
     import exportminers
     from exportminers.runtime import checks_np, decode_np
 
-    so = ort.SessionOptions()
-    if threads > 0:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"], session_options=so,
-                                seed=0)
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"],
+                                session_options=session_options(threads), seed=0)
     # 1. split of a call
     split = defaultdict(list)
     for i, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
         emb, lab, _, _ = checks_np.check_inputs(x, y, None, None, om.check_finite)
         t1 = time.perf_counter()
-        feeds = {"embeddings": np.ascontiguousarray(emb.astype(om.dtype, copy=False)),
-                 "labels": np.ascontiguousarray(lab)}
-        if om.is_random:
-            feeds["noise"] = om._noise(emb.shape[0], emb.shape[0], None, None)
+        feeds = _feeds(om, emb, lab)
         t2 = time.perf_counter()
         outs = om.session.run(om.output_names, feeds)
         t3 = time.perf_counter()
@@ -72,48 +113,32 @@ def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
     out_sizes = {name: list(o.shape) for name, o in zip(om.output_names, outs)}
     decoded_len = [int(len(d)) for d in decoded]
 
-    # 2. ONNX Runtime's profiler
-    so = ort.SessionOptions()
-    if threads > 0:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ortprof_"), "ort")
+    # 2. ONNX Runtime's profiler: the first run (warm-up) is left out, medians per run
+    so = session_options(threads, os.path.join(tempfile.mkdtemp(prefix="ortprof_"), "ort"))
     sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
     for x, y in batches:
-        feeds = {"embeddings": x, "labels": y}
-        if om.is_random:
-            feeds["noise"] = rng.random(om.noise_shape(x.shape[0], x.shape[0]))
-        sess.run(None, feeds)
+        sess.run(None, _feeds(om, x, y))
     prof_path = sess.end_profiling()
     with open(prof_path) as f:
         events = json.load(f)
-    by_op = defaultdict(float)
-    by_node = defaultdict(float)
-    node_op = {}
-    run_total = 0.0
-    n_runs = 0
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            op = ev.get("args", {}).get("op_name", "?")
-            node = ev["name"][:-len("_kernel_time")]
-            by_op[op] += ev["dur"]
-            by_node[node] += ev["dur"]
+    per = _per_run(events)[1:]  # the first run is the warm-up
+    n_runs = len(per)
+    op_runs = defaultdict(lambda: [0.0] * n_runs)
+    node_runs = defaultdict(lambda: [0.0] * n_runs)
+    node_op: Dict[str, str] = {}
+    for j, (_, nodes) in enumerate(per):
+        for node, (op, us) in nodes.items():
+            op_runs[op][j] += us
+            node_runs[node][j] += us
             node_op[node] = op
-        elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
-            run_total += ev["dur"]
-            n_runs += 1
-    kernel_total = sum(by_op.values())
     return {
         "split_ms": {k: _median(v) for k, v in split.items()},
         "outputs": out_sizes, "decoded_lengths": decoded_len,
-        "runs": n_runs, "model_run_us": run_total / max(1, n_runs),
-        "kernel_us": kernel_total / max(1, n_runs),
-        "by_op": sorted(((op, us / max(1, n_runs)) for op, us in by_op.items()),
-                        key=lambda t: -t[1]),
-        "by_node": sorted(((node, node_op[node], us / max(1, n_runs))
-                           for node, us in by_node.items()), key=lambda t: -t[2]),
+        "runs": n_runs, "model_run_us": _median([dur for dur, _ in per]),
+        "kernel_us": _median([sum(us for _, us in nodes.values()) for _, nodes in per]),
+        "by_op": sorted(((op, _median(v)) for op, v in op_runs.items()), key=lambda t: -t[1]),
+        "by_node": sorted(((node, node_op[node], _median(v)) for node, v in node_runs.items()),
+                          key=lambda t: -t[2]),
         "profile_file": prof_path,
     }
 
@@ -148,6 +173,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--onnx", help="an exported graph (default: export to a temp folder)")
     p.add_argument("--out", default=None, help="folder for profile_<Miner>_<N>.md")
     args = p.parse_args(argv)
+    known = common.registry_order()
+    if args.miner not in known:
+        p.error(f"--miner {args.miner!r} is not a built-in miner; choose from "
+                f"{', '.join(known)}")
+    for flag, value, low in (("--n", args.n, 1), ("--dim", args.dim, 1),
+                             ("--per-class", args.per_class, 1), ("--threads", args.threads, 0),
+                             ("--runs", args.runs, 1), ("--top", args.top, 1)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if common.effective_n(args.miner, args.n) < 1:
+        p.error(f"--n {args.n}: {args.miner} needs whole triplets, at least 3 rows")
+    if args.onnx is not None and not os.path.isfile(args.onnx):
+        p.error(f"--onnx {args.onnx}: no such file")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a folder")
 
     import torch
     if args.threads > 0:
@@ -171,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += [f"| {k} | {v:.3f} |" for k, v in res["split_ms"].items()]
     lines += ["", f"Graph outputs: {res['outputs']}; decoded lengths {res['decoded_lengths']}.", ""]
     kt = res["kernel_us"]
-    lines += [f"## ONNX Runtime profile ({res['runs']} runs): model_run {res['model_run_us'] / 1e3:.3f} ms, "
+    lines += [f"## ONNX Runtime profile ({res['runs']} runs after a warm-up run, medians): "
+              f"model_run {res['model_run_us'] / 1e3:.3f} ms, "
               f"kernels {kt / 1e3:.3f} ms per run", "", "| op type | ms per run | share |",
               "|---|---:|---:|"]
     lines += [f"| {op} | {us / 1e3:.3f} | {100 * us / max(kt, 1e-9):.1f}% |"

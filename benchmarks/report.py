@@ -3,6 +3,11 @@
 Usage (re-render from saved results, e.g. after merging a GPU run)::
 
     python -m benchmarks.report results/bench_cpu.json [results/bench_cuda.json] --out results/
+    python -m benchmarks.report old/bench_cpu.json rerun/bench_cpu.json --merge --out merged/
+
+Several files of one device written to one folder need ``--merge`` (later files win per
+row; ``meta.merged`` lists every source run, through nested merges); without it they
+would overwrite each other's ``bench_<device>.*`` and the report refuses.
 
 Tables give the median time per call with its ratio to PML eager *in the same run*
 (``time / PML time``: below 1 is faster than PML), peak memory, and the
@@ -46,8 +51,10 @@ def _ok(row: Optional[Dict[str, Any]]) -> bool:
 
 
 def ratio(idx, miner: str, n: int, impl: str) -> Optional[float]:
+    """time / PML time; None unless both rows have timed calls."""
     r, base = idx.get((miner, n, impl)), idx.get((miner, n, "pml"))
-    if not (_ok(r) and _ok(base)) or not base["median_ms"]:
+    if not (_ok(r) and _ok(base)) or not base["median_ms"] or no_timed_call(r) \
+            or no_timed_call(base):
         return None
     return r["median_ms"] / base["median_ms"]
 
@@ -63,6 +70,19 @@ def _cell(row: Optional[Dict[str, Any]], value: str, notes: Dict[str, int]) -> s
     return f"{CELL_STATUS.get(row['status'], row['status'])}[^{notes[reason]}]"
 
 
+def _note_ref(notes: Dict[str, int], text: str) -> str:
+    """A footnote reference for ``text`` (numbered in order of first use)."""
+    if text not in notes:
+        notes[text] = len(notes) + 1
+    return f"[^{notes[text]}]"
+
+
+def no_timed_call(row: Optional[Dict[str, Any]]) -> bool:
+    """An ok row whose time is its first (cold) call: it got no timed call."""
+    return row is not None and row.get("status") == "ok" and row.get("median_ms") is not None \
+        and (row.get("repeats") == 0 or row.get("times_ms") == [])
+
+
 def _label(impl: str) -> str:
     return common.IMPLS[impl].label if impl in common.IMPLS else impl
 
@@ -70,31 +90,93 @@ def _label(impl: str) -> str:
 # ------------------------------------------------------------------------------ markdown
 
 
+def _sources(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The source runs of a merged result (``meta['merged']``), else []."""
+    merged = meta.get("merged")
+    return list(merged) if isinstance(merged, list) else []
+
+
+def _agreed(meta: Dict[str, Any], key: str, sub: Optional[str] = None):
+    """``meta[key]`` (or ``meta['args'][sub]``), or "varies by run" when the source runs
+    of a merge disagree on it."""
+    srcs = _sources(meta)
+    if sub is None:
+        value = meta.get(key)
+        vals = {json.dumps(s.get(key), default=str) for s in srcs if key in s}
+    else:
+        value = (meta.get("args") or {}).get(sub)
+        vals = {json.dumps((s.get("args") or {}).get(sub), default=str) for s in srcs
+                if isinstance(s.get("args"), dict)}
+    return "varies by run" if len(vals) > 1 else value
+
+
+def _processes(rpp) -> str:
+    if rpp in (None, 1):
+        return "one worker process per row"
+    if rpp >= 10 ** 6:
+        return "all rows in one worker process"
+    return f"{rpp} rows per worker process"
+
+
+def _timing(args: Dict[str, Any]) -> str:
+    """Warm-up, timed calls, cap and worker processes of one run's args."""
+    return (f"{args.get('warmup')} warm-up call(s), median of up to {args.get('repeats')} "
+            f"timed calls (at least {args.get('min_repeats')}, at most {args.get('budget_s')} "
+            f"s of timed calls); cap {args.get('cap_s')} s per row; "
+            f"{_processes(args.get('rows_per_process', 1))}")
+
+
 def header_lines(meta: Dict[str, Any]) -> List[str]:
-    args = meta.get("args", {})
+    args = meta.get("args", {}) or {}
     dev = meta.get("device", "?")
+    srcs = _sources(meta)
+    threads = _agreed(meta, "args", "threads")
+    tmin = meta.get("torchscript_min_warmup")
+    ts_note = f" (TorchScript rows at least {tmin}; each row's own count is in the JSON)" \
+        if tmin else ""
     lines = [
         f"- Device: **{dev}** ({meta.get('device_name')}); CPU {meta.get('cpu')}, "
         f"{meta.get('cpu_count')} cores; threads per implementation: "
-        + (f"{args.get('threads')} (torch.set_num_threads, ONNX Runtime intra_op_num_threads)"
-           if args.get("threads") else f"library defaults (torch: {meta.get('torch_threads')})"),
-        f"- Date: {meta.get('date')}; wall time {meta.get('wall_s')} s",
-        f"- Versions: python {meta.get('python')}, torch {meta.get('torch')}, "
-        f"pytorch-metric-learning {meta.get('pml')}, onnxruntime {meta.get('onnxruntime')} "
-        f"(providers {meta.get('ort_providers')}), onnx {meta.get('onnx')}, numpy "
-        f"{meta.get('numpy')}, exportminers {meta.get('exportminers')}"
-        + (f" (git {meta.get('git')})" if meta.get("git") else "")
-        + (f", CUDA {meta.get('cuda')}" if meta.get("cuda") else ""),
-        f"- Inputs: self-mining, d = {args.get('dim')}, {args.get('per_class')} samples per "
-        f"class, class centres N(0, 1) + {args.get('spread')} x N(0, 1) noise, float32, a "
-        f"fresh batch per call; default configuration of each miner (registry)",
-        f"- Timing: {args.get('warmup')} warm-up call(s), median of up to "
-        f"{args.get('repeats')} timed calls (at least {args.get('min_repeats')}, at most "
-        f"{args.get('budget_s')} s of timed calls); cap {args.get('cap_s')} s per row; "
-        f"memory limit {meta.get('mem_limit')} per worker process; one process per "
-        f"{'row' if args.get('rows_per_process', 1) == 1 else 'run'}"
-        + (" (**--quick** smoke run)" if args.get("quick") else ""),
+        + (f"{threads} (torch.set_num_threads, ONNX Runtime intra_op_num_threads)"
+           if threads and threads != "varies by run"
+           else "varies by run" if threads == "varies by run"
+           else f"library defaults (torch: {meta.get('torch_threads')})"),
     ]
+    if srcs:
+        lines.append(f"- **Merge of {len(srcs)} runs** (for each miner, N and implementation "
+                     f"the row of the last run that has it); the runs:")
+        for k, src in enumerate(srcs, 1):
+            sargs = src.get("args") or {}
+            sizes = src.get("sizes") or sargs.get("sizes")
+            lines.append(
+                f"  {k}. git {src.get('git', '?')}, date {src.get('date', '?')}, device "
+                f"{src.get('device', dev)}, sizes {sizes}, memory limit "
+                f"{src.get('mem_limit', '?')}, wall time {src.get('wall_s', '?')} s, "
+                f"{src.get('rows', '?')} rows" + (" (**--quick** smoke run)" if sargs.get(
+                    "quick") else "") + (f", from {src['file']}" if src.get("file") else "")
+                + (f"; timing: {_timing(sargs)}" if sargs else ""))
+    else:
+        lines.append(f"- Date: {meta.get('date')}; wall time {meta.get('wall_s')} s")
+    versions = {k: _agreed(meta, k) for k in ("torch", "pml", "onnxruntime", "exportminers")}
+    lines += [
+        f"- Versions{' (of the first run where they vary)' if srcs else ''}: python "
+        f"{meta.get('python')}, torch {versions['torch']}, "
+        f"pytorch-metric-learning {versions['pml']}, onnxruntime {versions['onnxruntime']} "
+        f"(providers {meta.get('ort_providers')}), onnx {meta.get('onnx')}, numpy "
+        f"{meta.get('numpy')}, exportminers {versions['exportminers']}"
+        + (f" (git {meta.get('git')})" if meta.get("git") and not srcs else "")
+        + (f", CUDA {meta.get('cuda')}" if meta.get("cuda") else ""),
+        f"- Inputs: self-mining, d = {_agreed(meta, 'args', 'dim')}, "
+        f"{_agreed(meta, 'args', 'per_class')} samples per "
+        f"class, class centres N(0, 1) + {_agreed(meta, 'args', 'spread')} x N(0, 1) noise, "
+        f"float32, a fresh batch per call; default configuration of each miner (registry)",
+    ]
+    if srcs:
+        lines.append(f"- Timing: per run, see the list above{ts_note}")
+    else:
+        lines.append(f"- Timing: {_timing(args)}{ts_note}; memory limit "
+                     f"{meta.get('mem_limit')} per worker process"
+                     + (" (**--quick** smoke run)" if args.get("quick") else ""))
     return lines
 
 
@@ -104,29 +186,40 @@ def _impl_table(rows, notes, value) -> List[str]:
     idx = _index(rows)
     miners, sizes, impls = _order(rows)
     shown = _shown_impls(rows, impls)
+    if not shown:
+        return ["No rows: no implementation ran in this run (every row was skipped; see "
+                "below)."]
     out = ["| Miner | N | " + " | ".join(_label(k) for k in shown) + " |",
            "|---|---:|" + "---:|" * len(shown)]
     for m in miners:
         for n in sizes:
             if not any((m, n, k) in idx for k in shown):
                 continue
-            cells = [_cell(idx.get((m, n, k)), value(idx, m, n, k, idx.get((m, n, k))), notes)
+            cells = [_cell(idx.get((m, n, k)),
+                           value(idx, m, n, k, idx.get((m, n, k)), notes), notes)
                      for k in shown]
             out.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
     return out
 
 
-def _time_cell(idx, m, n, k, r) -> str:
+def _time_cell(idx, m, n, k, r, notes) -> str:
     val = common.fmt_ms(r.get("median_ms")) if r else ""
     rt = ratio(idx, m, n, k) if k != "pml" else None
     if rt is not None:
         val += f" ({common.fmt_ratio(rt)})"
+    if no_timed_call(r):
+        val += " (1 call)" + _note_ref(notes, r.get("note") or (
+            "no timed call: the time is the first, cold call's"))
     return val
 
 
-def _memory_cell(idx, m, n, k, r) -> str:
+def _memory_cell(idx, m, n, k, r, notes) -> str:
     mb = r.get("peak_mem_mb") if r else None
-    return "-" if mb is None else f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
+    val = "-" if mb is None else f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
+    if r and r.get("mem_shared_process") and mb is not None:
+        val += " (shared process)" + _note_ref(notes, r.get("mem_note") or (
+            "memory measured in a worker process shared with earlier rows: a lower bound"))
+    return val
 
 
 def time_table(rows, notes) -> List[str]:
@@ -330,7 +423,7 @@ def write_all(result: Dict[str, Any], out_dir: str, plots: bool = True,
         json.dump(result, f, indent=1, default=str)
     paths.append(jpath)
     plot_names: List[str] = []
-    if plots:
+    if plots and any(r.get("status") == "ok" for r in result["rows"]):
         rows = result["rows"]
         specs = [
             (f"time_vs_n_{dev}.png", lambda p: plot_vs_n(
@@ -352,21 +445,74 @@ def write_all(result: Dict[str, Any], out_dir: str, plots: bool = True,
     return paths
 
 
-def merge(results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One result from several runs on the same device: the first run's environment, and
-    for each (miner, N, implementation) the row of the last run that has it (e.g. a re-run
-    of a few rows after a library fix). The runs merged are listed in ``meta.merged``."""
+SOURCE_KEYS = ("git", "date", "device", "device_name", "sizes", "mem_limit", "wall_s",
+               "torch", "pml", "onnxruntime", "exportminers", "args")
+
+
+def source_run(meta: Dict[str, Any], rows: List[Dict[str, Any]],
+               path: Optional[str] = None) -> Dict[str, Any]:
+    """What ``meta['merged']`` keeps of one (unmerged) run."""
+    src = {k: meta.get(k) for k in SOURCE_KEYS}
+    if src["sizes"] is None:
+        src["sizes"] = sorted({int(r["n"]) for r in rows if "n" in r})
+    src["rows"] = len(rows)
+    if path:
+        src["file"] = path
+    return src
+
+
+def merge(results: List[Dict[str, Any]], paths: Optional[List[str]] = None) -> Dict[str, Any]:
+    """One result from several runs on the same device: for each (miner, N,
+    implementation) the row of the last run that has it (e.g. a re-run of a few rows after
+    a library fix). ``meta`` is the first run's environment; ``meta['merged']`` lists every
+    source run (git commit, date, device, sizes, memory limit, wall time, versions, args,
+    row count), flattened through earlier merges; the run-specific top-level fields (git,
+    date, wall time, memory limit) are kept only where every source run agrees."""
     devices = {r["meta"].get("device") for r in results}
     if len(devices) > 1:
         raise ValueError(f"cannot merge runs on different devices: {sorted(map(str, devices))}")
     rows: Dict[Tuple[str, int, str], Dict[str, Any]] = {}
-    for res in results:
+    sources: List[Dict[str, Any]] = []
+    for i, res in enumerate(results):
         for row in res["rows"]:
             rows[common.row_key(row)] = row
+        earlier = res["meta"].get("merged")
+        if isinstance(earlier, list) and earlier:
+            sources.extend(dict(e) for e in earlier)
+        else:
+            sources.append(source_run(res["meta"], res["rows"],
+                                      paths[i] if paths and i < len(paths) else None))
     meta = dict(results[0]["meta"])
-    meta["merged"] = [{"date": r["meta"].get("date"), "args": r["meta"].get("args"),
-                       "rows": len(r["rows"])} for r in results]
+    meta["merged"] = sources
+    for key in ("git", "date", "wall_s", "mem_limit"):
+        vals = {json.dumps(s.get(key), default=str) for s in sources}
+        if len(vals) > 1:
+            meta[key] = None
     return {"meta": meta, "rows": list(rows.values())}
+
+
+def load(path: str) -> Dict[str, Any]:
+    """A bench_<device>.json; ``ValueError`` with a one-line reason when it is not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a bench_<device>.json file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict) \
+            or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: not a benchmark result (a JSON object with 'meta' and "
+                         f"'rows', as benchmarks.run writes to bench_<device>.json)")
+    for row in data["rows"]:
+        if not isinstance(row, dict) or not {"miner", "n", "impl", "status"} <= set(row):
+            raise ValueError(f"{path}: a row lacks miner/n/impl/status: "
+                             f"{common.short(json.dumps(row, default=str), 160)}")
+    return data
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -377,12 +523,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="merge the files (same device; later files win per row) into one report")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a folder")
     loaded = []
     for path in args.json:
-        with open(path) as f:
-            loaded.append((path, json.load(f)))
+        try:
+            loaded.append((path, load(path)))
+        except ValueError as e:
+            p.error(str(e))
     if args.merge:
-        loaded = [(args.json[0], merge([res for _, res in loaded]))]
+        try:
+            merged = merge([res for _, res in loaded], [path for path, _ in loaded])
+        except ValueError as e:
+            p.error(f"--merge: {e}; merge the files of one device at a time")
+        loaded = [(args.json[0], merged)]
+    else:
+        targets: Dict[str, List[str]] = {}
+        for path, result in loaded:
+            out_dir = os.path.abspath(args.out or os.path.dirname(os.path.abspath(path)))
+            target = os.path.join(out_dir, f"bench_{result['meta'].get('device', 'cpu')}")
+            targets.setdefault(target, []).append(path)
+        clashes = {t: ps for t, ps in targets.items() if len(ps) > 1}
+        if clashes:
+            t, ps = next(iter(clashes.items()))
+            p.error(f"{', '.join(ps)} would all be written to {t}.json/.md (same device, same "
+                    f"folder); pass --merge to combine them into one report, or render them "
+                    f"one at a time with different --out folders")
     for path, result in loaded:
         for out in write_all(result, args.out or os.path.dirname(os.path.abspath(path)),
                              plots=not args.no_plots):

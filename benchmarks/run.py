@@ -13,7 +13,9 @@ self-mining, d = 128, 8 samples per class, embeddings with class structure, a fr
 batch for every call, warm-up calls, then the median of the timed calls, and the peak
 memory (see :mod:`benchmarks.worker` for both methods).
 
-Each row runs in its own worker process (``--rows-per-process`` to share one) under a
+Each row runs in its own worker process (``--rows-per-process`` to share one; the peak
+memory of a row after the first in a process is then marked ``shared process``: a lower
+bound, see ``--help``) under a
 memory limit (``--mem-limit-gb``; RLIMIT_AS on CPU runs, RLIMIT_DATA on CUDA runs, where
 the driver's address-space reservations would trip RLIMIT_AS) and a time cap
 (``--cap-s``). A row that runs out of memory or past the cap is recorded as ``oom`` or
@@ -156,7 +158,9 @@ def run_tasks(tasks: List[Dict[str, Any]], limit_kind: str, limit_bytes: int,
     """Run tasks in one worker process; returns one result per task (failures included).
 
     Tasks the worker never started (it died or hung on an earlier one) are run again in
-    a fresh worker.
+    a fresh worker. When a row times out, the rows of the same miner and implementation
+    at a larger N that have not run yet are recorded as ``skipped`` (as in one process
+    per row).
     """
     results: Dict[int, Dict[str, Any]] = {}
     pending = list(range(len(tasks)))
@@ -170,6 +174,8 @@ def run_tasks(tasks: List[Dict[str, Any]], limit_kind: str, limit_bytes: int,
             local, res = failure
             if local is not None:
                 results[pending[local]] = res
+                if res.get("status") == "timeout":
+                    _skip_after_timeout(tasks, tasks[pending[local]], pending, results)
             else:  # died or hung outside a task: retry once, then give up on the rest
                 lost += 1
                 if lost >= 2:
@@ -181,6 +187,20 @@ def run_tasks(tasks: List[Dict[str, Any]], limit_kind: str, limit_bytes: int,
                                        "reason": "the worker exited without reporting this task"})
         pending = [i for i in pending if i not in results]
     return [results[i] for i in range(len(tasks))]
+
+
+def _skip_after_timeout(tasks: List[Dict[str, Any]], slow: Dict[str, Any], pending: List[int],
+                        results: Dict[int, Dict[str, Any]]) -> None:
+    """Record the not yet run rows of ``slow``'s miner and implementation at a larger N
+    as skipped."""
+    if slow.get("kind") != "row":
+        return
+    for i in pending:
+        t = tasks[i]
+        if i not in results and t.get("kind") == "row" and t["miner"] == slow["miner"] \
+                and t["impl"] == slow["impl"] and int(t["n"]) > int(slow["n"]):
+            results[i] = {"status": "skipped",
+                          "reason": f"timeout at N={slow['n']}; larger N not attempted"}
 
 
 def _run_worker(tasks: List[Dict[str, Any]], limit_kind: str, limit_bytes: int,
@@ -289,30 +309,53 @@ def parse_list(text: Optional[str]) -> Optional[List[str]]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+# Defaults of the options --quick changes; options the user gives win over both.
+DEFAULTS = {"sizes": "256,1024,4096", "warmup": 3, "repeats": 20, "min_repeats": 3,
+            "cap_s": 60.0, "rows_per_process": 1}
+QUICK_DEFAULTS = {"sizes": str(QUICK_SIZE), "warmup": 1, "repeats": 1, "min_repeats": 1,
+                  "cap_s": 60.0, "rows_per_process": 10 ** 6}
+TORCHSCRIPT_MIN_WARMUP = common.TORCHSCRIPT_MIN_WARMUP
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default="results",
+                   help="output folder (made absolute; default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: N={QUICK_SIZE}, {', '.join(QUICK_MINERS)}, ONNX rows for "
-                        f"{', '.join(QUICK_ONNX_MINERS)}, one warm-up and one timed call, "
-                        f"all rows in one worker")
+                        f"{', '.join(QUICK_ONNX_MINERS)}, one warm-up call (TorchScript: "
+                        f"{TORCHSCRIPT_MIN_WARMUP}) and one timed call, all rows in one worker; "
+                        f"options given explicitly (--sizes, --warmup, --repeats, --min-repeats, "
+                        f"--cap-s, --rows-per-process, --miners, --impls) win over these")
     p.add_argument("--miners", help="comma-separated miner names (default: every built-in)")
-    p.add_argument("--sizes", default="256,1024,4096", help="comma-separated batch sizes N")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma-separated batch sizes N (default: {DEFAULTS['sizes']}; "
+                        f"--quick: {QUICK_SIZE})")
     p.add_argument("--impls", help="comma-separated implementations (default per device): "
                                    + ", ".join(common.IMPLS))
     p.add_argument("--dim", type=int, default=128, help="embedding width d")
     p.add_argument("--per-class", type=int, default=8, help="samples per class")
     p.add_argument("--spread", type=float, default=1.25,
                    help="within-class noise scale (class centres are standard normal)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20, help="timed calls at most")
-    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"warm-up calls per row (default: {DEFAULTS['warmup']}; --quick: "
+                        f"{QUICK_DEFAULTS['warmup']}); at least 1 is made (the first, cold "
+                        f"call is reported on its own), TorchScript rows get at least "
+                        f"{TORCHSCRIPT_MIN_WARMUP} (its profiling executor optimises on the "
+                        f"second call)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed calls at most, >= 1 (default: {DEFAULTS['repeats']}; --quick: "
+                        f"{QUICK_DEFAULTS['repeats']})")
+    p.add_argument("--min-repeats", type=int, default=None,
+                   help=f"timed calls at least, budget permitting (default: "
+                        f"{DEFAULTS['min_repeats']}; --quick: {QUICK_DEFAULTS['min_repeats']})")
     p.add_argument("--budget-s", type=float, default=5.0,
                    help="stop timing a row after this many seconds of timed calls")
-    p.add_argument("--cap-s", type=float, default=60.0,
-                   help="time cap per row (setup, warm-up and timed calls); past it: timeout")
+    p.add_argument("--cap-s", type=float, default=None,
+                   help=f"time cap per row (setup, warm-up and timed calls); past it: timeout "
+                        f"(default: {DEFAULTS['cap_s']:g})")
     p.add_argument("--export-cap-s", type=float, default=300.0, help="time cap per ONNX export")
     p.add_argument("--mem-limit-gb", type=float, default=8.0,
                    help="memory limit per worker process (0: none)")
@@ -320,16 +363,115 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: RLIMIT_AS on cpu, RLIMIT_DATA on cuda (the CUDA driver reserves "
                         "far more address space than RLIMIT_AS allows); if CUDA fails to "
                         "initialise under the limit, pass none")
-    p.add_argument("--rows-per-process", type=int, default=1,
-                   help="rows sharing one worker process (memory is still per row)")
+    p.add_argument("--rows-per-process", type=int, default=None,
+                   help="rows sharing one worker process (default: 1; --quick: all). With "
+                        "more than one, the peak memory of every row after the first in a "
+                        "process is only the growth beyond what earlier rows left there (ONNX "
+                        "Runtime's process-wide CPU arena, allocator caches): such rows are "
+                        "marked 'shared process' and their memory is a lower bound, not the "
+                        "row's own peak (CUDA torch rows excepted: "
+                        "max_memory_allocated is per row). A timeout still skips the larger "
+                        "N of that miner and implementation.")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and ONNX Runtime (0: their defaults); on a "
                         "shared machine 1 avoids OpenMP stalls when cores are busy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--pipeline", action="store_true",
-                   help="also run benchmarks/bench_pipeline.py (the pipeline benchmark)")
+                   help="also run benchmarks/bench_pipeline.py (the pipeline benchmark); on "
+                        "--device cpu only with --quick (its full size, 65,536 x 1,048,576, "
+                        "is a GPU setting)")
     return p
+
+
+def parse_sizes(text: str) -> List[int]:
+    """Batch sizes from ``--sizes``: positive integers, sorted, duplicates removed."""
+    items = parse_list(text) or []
+    if not items:
+        raise ValueError(f"--sizes {text!r}: give comma-separated positive integers, e.g. "
+                         f"256,1024")
+    sizes = []
+    for s in items:
+        try:
+            n = int(s)
+        except ValueError:
+            raise ValueError(f"--sizes {text!r}: {s!r} is not an integer") from None
+        if n <= 0:
+            raise ValueError(f"--sizes {text!r}: batch sizes must be positive, got {n}")
+        sizes.append(n)
+    return sorted(set(sizes))
+
+
+def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset (--quick's values or the defaults), validate every
+    option (``p.error`` on a bad one) and make ``--out`` absolute. Records what --quick
+    set in ``args.quick_set``."""
+    base = QUICK_DEFAULTS if args.quick else DEFAULTS
+    args.quick_set = {}
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            if args.quick:
+                args.quick_set[key] = value
+    try:
+        args.size_list = parse_sizes(args.sizes)
+    except ValueError as e:
+        p.error(str(e))
+    checks = [
+        (args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}"),
+        (args.min_repeats >= 1, f"--min-repeats must be at least 1, got {args.min_repeats}"),
+        (args.warmup >= 0, f"--warmup must be 0 or more, got {args.warmup}"),
+        (args.rows_per_process >= 1,
+         f"--rows-per-process must be at least 1, got {args.rows_per_process}"),
+        (args.cap_s > 0, f"--cap-s must be positive, got {args.cap_s:g}"),
+        (args.export_cap_s > 0, f"--export-cap-s must be positive, got {args.export_cap_s:g}"),
+        (args.budget_s >= 0, f"--budget-s must be 0 or more, got {args.budget_s:g}"),
+        (args.mem_limit_gb >= 0, f"--mem-limit-gb must be 0 (none) or more, got "
+                                 f"{args.mem_limit_gb:g}"),
+        (args.dim >= 1, f"--dim must be at least 1, got {args.dim}"),
+        (args.per_class >= 1, f"--per-class must be at least 1, got {args.per_class}"),
+        (args.spread >= 0, f"--spread must be 0 or more, got {args.spread:g}"),
+        (args.threads >= 0, f"--threads must be 0 (library defaults) or more, got {args.threads}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    args.out = os.path.abspath(os.path.expanduser(args.out))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a folder")
+    if args.pipeline and args.device == "cpu" and not args.quick:
+        p.error("--pipeline on --device cpu runs benchmarks/bench_pipeline.py at its full GPU "
+                "size (65,536 queries x 1,048,576 bank rows) with no time limit; add --quick "
+                "for its tiny CPU setting, or run python benchmarks/bench_pipeline.py --device "
+                "cpu with smaller --queries and --bank")
+    return args
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = build_parser()
+    return resolve_args(p, p.parse_args(argv))
+
+
+def check_device(args, env: Dict[str, Any]) -> Optional[str]:
+    """Why this run cannot use --device as asked (None when it can): CUDA missing, or the
+    ONNX rows asked for need a CUDAExecutionProvider that ONNX Runtime lacks."""
+    if args.device != "cuda":
+        return None
+    if not env["cuda_available"]:
+        return ("--device cuda: torch.cuda.is_available() is False (torch "
+                f"{env.get('torch')}); run on a machine with a CUDA GPU and a CUDA build of "
+                "torch, or use --device cpu")
+    impls = parse_list(args.impls) or common.DEFAULT_IMPLS["cuda"]
+    onnx_cuda = [i for i in impls if i in common.IMPLS and common.IMPLS[i].onnx
+                 and common.IMPLS[i].device == "cuda"]
+    if onnx_cuda and "CUDAExecutionProvider" not in env.get("ort_providers", []):
+        torch_impls = [i for i in impls if i in common.IMPLS and not common.IMPLS[i].onnx]
+        return (f"--device cuda: ONNX Runtime has no CUDAExecutionProvider (providers: "
+                f"{env.get('ort_providers')}) for the rows {', '.join(onnx_cuda)}; install "
+                f"onnxruntime-gpu"
+                + (f", or leave them out: --impls {','.join(torch_impls)}" if torch_impls
+                   else ""))
+    return None
 
 
 def row_task(miner: str, impl: str, n: int, device: str = "cpu",
@@ -351,8 +493,7 @@ def plan(args, env: Dict[str, Any]):
     bad = [m for m in miners if m not in known]
     if bad:
         raise SystemExit(f"unknown miners {bad}; built-in miners: {sorted(known)}")
-    sizes = [QUICK_SIZE] if args.quick and args.sizes == "256,1024,4096" else \
-        [int(s) for s in parse_list(args.sizes)]
+    sizes = getattr(args, "size_list", None) or parse_sizes(args.sizes)
     impls = parse_list(args.impls) or (
         ["pml", "eager", "torchscript", "ort_cpu"] if args.quick and args.device == "cpu"
         else common.DEFAULT_IMPLS[args.device])
@@ -377,7 +518,8 @@ def plan(args, env: Dict[str, Any]):
             for n in sizes:
                 row = row_task(name, impl_key, n, device=row_device, config=config,
                                d=args.dim, per_class=args.per_class, spread=args.spread,
-                               warmup=args.warmup, repeats=args.repeats,
+                               warmup=max(args.warmup, common.min_warmup(impl_key)),
+                               repeats=args.repeats,
                                min_repeats=args.min_repeats, budget_s=args.budget_s,
                                cap_s=args.cap_s, seed=args.seed + n, threads=args.threads)
                 if reason is not None:
@@ -396,14 +538,22 @@ def plan(args, env: Dict[str, Any]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.quick:
-        args.warmup, args.repeats, args.min_repeats = min(args.warmup, 1), 1, 1
-        args.rows_per_process = max(args.rows_per_process, 10 ** 6)
-        args.cap_s = min(args.cap_s, 60.0)
-    os.makedirs(args.out, exist_ok=True)
+        shown = {k: ("all rows in one worker" if k == "rows_per_process" else v)
+                 for k, v in args.quick_set.items()}
+        print("[bench] --quick sets: " + (", ".join(f"{k.replace('_', '-')}={v}"
+                                                   for k, v in shown.items()) or "nothing")
+              + (f"; TorchScript rows get {TORCHSCRIPT_MIN_WARMUP} warm-up calls"
+                 if args.warmup < TORCHSCRIPT_MIN_WARMUP else "")
+              + (f" (given explicitly: {', '.join(k.replace('_', '-') for k in QUICK_DEFAULTS if k not in args.quick_set)})"
+                 if len(args.quick_set) < len(QUICK_DEFAULTS) else ""))
     t_start = time.monotonic()
     env = probe_environment(args.device)
+    problem = check_device(args, env)
+    if problem:
+        print(f"python -m benchmarks.run: error: {problem}", file=sys.stderr)
+        return 2
     limit_kind = args.mem_limit_kind
     if limit_kind == "auto":
         limit_kind = "data" if args.device == "cuda" else "as"
@@ -411,6 +561,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if limit_bytes <= 0:
         limit_kind = "none"
     to_run, decided, exports = plan(args, env)
+    if not to_run:
+        reasons = sorted({f"{r['impl']}: {r.get('status')}: {r.get('reason')}" for r in decided})
+        print("python -m benchmarks.run: error: nothing to run; every row is skipped or "
+              "unavailable:\n  " + "\n  ".join(reasons or ["(no rows selected)"]),
+              file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
     log = print
     log(f"[bench] device={args.device} ({env['device_name']}), {len(to_run)} rows to run, "
         f"{len(decided)} skipped/unavailable, {len(exports)} ONNX exports; "
@@ -465,6 +622,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(row)
             if res["status"] == "timeout":
                 timed_out.setdefault((r["miner"], r["impl"]), r["n"])
+            if res["status"] == "skipped":
+                log(f"[bench] {r['miner']:<36} N={r['n']:<5} {r['impl']:<16} "
+                    f"skipped  {res.get('reason')}")
+                continue
             detail = (f"{common.fmt_ms(res.get('median_ms'))} ms, "
                       f"{res.get('peak_mem_mb') or 0:.0f} MB" if res["status"] == "ok"
                       else common.short(res.get("reason", ""), 160))
@@ -474,7 +635,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         row.pop("kind", None)
 
     result = {
-        "meta": dict(env, args={k: v for k, v in vars(args).items()},
+        "meta": dict(env, args={k: v for k, v in vars(args).items()
+                                if k not in ("size_list", "quick_set")},
+                     sizes=list(args.size_list), quick_set=dict(args.quick_set),
+                     torchscript_min_warmup=TORCHSCRIPT_MIN_WARMUP,
                      mem_limit=f"{limit_kind} {args.mem_limit_gb:g} GB",
                      exports=export_results, impls={k: v.doc for k, v in common.IMPLS.items()},
                      wall_s=round(time.monotonic() - t_start, 1)),
@@ -496,6 +660,11 @@ def run_pipeline(args) -> int:
     mining pipeline's block engine vs a torch baseline) and keep its report in --out as
     ``pipeline_<device>.txt``. Its own defaults are the H100 setting (Q = 65,536 queries
     x M = 1,048,576 bank rows); ``--quick`` passes its tiny CPU setting."""
+    if args.device == "cpu" and not args.quick:
+        print("[bench] --pipeline: refused on --device cpu without --quick (the full size is "
+              "65,536 x 1,048,576, a GPU setting); run benchmarks/bench_pipeline.py with "
+              "smaller --queries/--bank")
+        return 2
     script = os.path.join(ROOT, "benchmarks", "bench_pipeline.py")
     if not os.path.isfile(script):
         print(f"[bench] --pipeline: {script} does not exist; skipped")

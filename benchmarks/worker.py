@@ -11,14 +11,19 @@ this process prints (everything else on stdout/stderr is kept as error context):
 Tasks are ``{"kind": "export", ...}`` (export one miner to ONNX) or
 ``{"kind": "row", ...}`` (time one miner x implementation x batch size).
 
-Timing: ``warmup`` calls on their own fresh batches, then up to ``repeats`` timed calls,
-each on a fresh batch (generated before timing starts), stopping early once the timed
-calls used ``budget_s`` (after at least ``min_repeats``) or the next call would run past
-the task's cap. CPU: ``time.perf_counter``; CUDA: CUDA events on the current stream
-around the call (ONNX Runtime synchronises its own stream before returning). On CPU the
-process CPU time of each call is recorded too (``median_cpu_ms``): on a shared machine it
-is not inflated when other processes take the core (with one thread it equals the
-compute time; with more, it sums the threads).
+Timing: ``warmup`` calls on their own fresh batches (at least one; TorchScript at least
+``common.TORCHSCRIPT_MIN_WARMUP``: its profiling executor optimises the graph on the
+second call), then up to ``repeats`` timed calls, each on a fresh batch (generated before
+timing starts), stopping early once the timed calls used ``budget_s`` (after at least
+``min_repeats``, and never before the first) or the next call would run past the task's
+cap. Warm-up stops early after a call longer than ``budget_s / 2`` or when the next would
+run past the cap, once the minimum is done; the row's ``warmup`` is the number of warm-up
+calls made. With ``repeats = 0`` (the runner refuses it) the time reported is the first,
+cold call's and the row's ``note`` says so. CPU: ``time.perf_counter``; CUDA: CUDA events
+on the current stream around the call (ONNX Runtime synchronises its own stream before
+returning). On CPU the process CPU time of each call is recorded too (``median_cpu_ms``):
+on a shared machine it is not inflated when other processes take the core (with one
+thread it equals the compute time; with more, it sums the threads).
 
 Peak memory (``peak_mem_mb``), measured from just before the first warm-up call:
 
@@ -32,6 +37,12 @@ Peak memory (``peak_mem_mb``), measured from just before the first warm-up call:
 * CUDA, ONNX Runtime: torch's allocator does not see ONNX Runtime's arena, so device
   memory in use (``torch.cuda.mem_get_info``) after the timed calls minus before the
   warm-up, plus torch's own peak (input checks, decoding).
+
+Only the first row of a worker process gets its own peak. Later rows in the same process
+(``--rows-per-process`` > 1) start from a baseline that holds what earlier rows left
+behind (ONNX Runtime's process-wide CPU arena, the C allocator's and torch's caches), which
+they may reuse: their growth is a lower bound, marked ``mem_shared_process`` (except CUDA
+torch rows: ``max_memory_allocated`` counts this row's allocations only).
 """
 import gc
 import json
@@ -144,7 +155,13 @@ def _count(impl: str, out) -> Optional[int]:
         return None
 
 
-def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
+SHARED_MEM_NOTE = ("memory measured in a worker process shared with earlier rows "
+                   "(--rows-per-process > 1): growth beyond what they left allocated there "
+                   "(ONNX Runtime's process-wide CPU arena, allocator caches), a lower bound, "
+                   "not this row's own peak")
+
+
+def run_row(task: Dict[str, Any], deadline: float, shared_process: bool = False) -> Dict[str, Any]:
     import numpy as np
     import torch
 
@@ -152,12 +169,13 @@ def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
     cuda = device.type == "cuda"
     name, impl = task["miner"], task["impl"]
     n = common.effective_n(name, task["n"])
-    warmup, repeats = int(task["warmup"]), int(task["repeats"])
+    need_warm = common.min_warmup(impl)
+    warmup, repeats = max(need_warm, int(task["warmup"])), max(0, int(task["repeats"]))
     budget_s, min_repeats = float(task["budget_s"]), int(task["min_repeats"])
     torch.manual_seed(task["seed"])
 
     t_setup = time.perf_counter()
-    batches = common.make_inputs(n, task["d"], task["per_class"], max(1, warmup) + repeats,
+    batches = common.make_inputs(n, task["d"], task["per_class"], warmup + repeats,
                                  task["seed"], task["spread"])
     if impl in ("ort_cpu", "ort_cpu_raw"):
         batches = [(x.numpy(), y.numpy()) for x, y in batches]
@@ -195,17 +213,18 @@ def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
         alloc0 = torch.cuda.memory_allocated(device)
         free0 = torch.cuda.mem_get_info(device)[0]
 
-    # warm-up (at least one call: first-call costs are reported on their own)
+    # warm-up (at least need_warm calls: first-call costs are reported on their own)
     first_ms = None
     out = None
     warm_done = 0
-    for i in range(max(1, warmup)):
+    for i in range(warmup):
         out = None
         out, ms = call(*batches[i])
         warm_done += 1
         if first_ms is None:
             first_ms = ms
-        if ms / 1e3 > budget_s / 2 or time.perf_counter() + ms / 1e3 > deadline:
+        if warm_done >= need_warm and (ms / 1e3 > budget_s / 2
+                                       or time.perf_counter() + ms / 1e3 > deadline):
             break
     count = _count(impl, out)
     out = None
@@ -223,9 +242,9 @@ def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
         now = time.perf_counter()
         if times and now + last_ms / 1e3 > deadline:
             break
-        if len(times) >= min_repeats and now - t_loop > budget_s:
+        if len(times) >= max(1, min_repeats) and now - t_loop > budget_s:
             break
-        x, y = batches[max(1, warmup) + i]
+        x, y = batches[warmup + i]
         out = None
         out, ms = call(x, y)
         times.append(ms)
@@ -248,9 +267,10 @@ def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
         if cpu_times:
             result["median_cpu_ms"] = float(np.median(np.asarray(cpu_times)))
     else:
-        # not even one timed call fit in the cap: report the warm-up call
+        # no timed call (only with repeats = 0): report the first, cold warm-up call
         result.update(median_ms=first_ms, min_ms=first_ms, mean_ms=first_ms,
-                      note="no timed call fit in the cap; the time is the warm-up call's")
+                      note=f"no timed call (repeats={repeats}): the time is the first, cold "
+                           f"warm-up call's, compilation and first-call costs included")
     host_peak = common.peak_rss_mb()
     host_growth = None if (host_peak is None or rss0 is None) else max(0.0, host_peak - rss0)
     if cuda:
@@ -267,6 +287,9 @@ def run_row(task: Dict[str, Any], deadline: float) -> Dict[str, Any]:
         result["peak_mem_mb"] = host_growth
         result["mem_method"] = ("cpu: VmHWM (reset after warm-up) - VmRSS before warm-up"
                                 if hwm_reset else "cpu: ru_maxrss - VmRSS before warm-up")
+    if shared_process and not (cuda and not impl.startswith("ort_")):
+        result["mem_shared_process"] = True
+        result["mem_note"] = SHARED_MEM_NOTE
     if "_providers" in task:
         result["providers"] = task["_providers"]
     return result
@@ -294,7 +317,7 @@ def main(argv: List[str]) -> int:
             if task["kind"] == "export":
                 result = run_export(task)
             else:
-                result = run_row(task, deadline)
+                result = run_row(task, deadline, shared_process=i > 0)
         except BaseException as e:  # noqa: BLE001 - every failure is a result
             if isinstance(e, KeyboardInterrupt):
                 raise

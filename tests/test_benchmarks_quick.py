@@ -63,3 +63,176 @@ def test_timeout_and_oom_are_recorded_not_dropped():
     assert timed_out["status"] == "timeout", timed_out
     (oom,) = bench_run.run_tasks([hungry], "as", 3 * gib)
     assert oom["status"] == "oom", oom
+
+
+# ------------------------------------------------------------------ argument handling
+
+from benchmarks import report as bench_report  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--repeats", "-3"], "--repeats must be at least 1"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--rows-per-process", "0"], "--rows-per-process must be at least 1"),
+    (["--cap-s", "0"], "--cap-s must be positive"),
+    (["--cap-s", "-5"], "--cap-s must be positive"),
+    (["--sizes", "25x"], "'25x' is not an integer"),
+    (["--sizes", ","], "give comma-separated positive integers"),
+    (["--sizes", "0,-8"], "batch sizes must be positive"),
+    (["--quick", "--sizes", "-1"], "batch sizes must be positive"),
+    (["--pipeline"], "--pipeline on --device cpu"),
+])
+def test_run_rejects_bad_arguments(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_run.parse_args(argv + ["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_rejects_out_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        bench_run.parse_args(["--out", str(f)])
+    assert exc.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_quick_sets_only_what_was_not_given(tmp_path, monkeypatch):
+    args = bench_run.parse_args(["--quick", "--out", str(tmp_path)])
+    assert args.size_list == [bench_run.QUICK_SIZE]
+    assert (args.warmup, args.repeats, args.min_repeats) == (1, 1, 1)
+    assert args.rows_per_process >= 10 ** 6 and args.cap_s == 60.0
+    assert set(args.quick_set) == set(bench_run.QUICK_DEFAULTS)
+
+    # explicit options win over --quick, including ones equal to the plain defaults
+    args = bench_run.parse_args(["--quick", "--out", str(tmp_path), "--sizes", "256,1024,4096",
+                                 "--warmup", "3", "--repeats", "5", "--min-repeats", "2",
+                                 "--cap-s", "120", "--rows-per-process", "1"])
+    assert args.size_list == [256, 1024, 4096]
+    assert (args.warmup, args.repeats, args.min_repeats) == (3, 5, 2)
+    assert args.cap_s == 120.0 and args.rows_per_process == 1 and args.quick_set == {}
+
+    # without --quick: the documented defaults; sizes sorted and de-duplicated
+    args = bench_run.parse_args(["--out", str(tmp_path), "--sizes", "64,32,64"])
+    assert args.size_list == [32, 64]
+    assert (args.warmup, args.repeats, args.min_repeats, args.rows_per_process) == (3, 20, 3, 1)
+
+    # a relative --out is made absolute (workers run with cwd = the repository root)
+    monkeypatch.chdir(tmp_path)
+    args = bench_run.parse_args(["--out", "rel"])
+    assert args.out == os.path.join(str(tmp_path), "rel")
+
+
+def test_device_cuda_without_cuda_is_an_error():
+    args = bench_run.parse_args(["--device", "cuda", "--out", "/tmp/unused_bench_out"])
+    no_cuda = {"cuda_available": False, "ort_providers": ["CPUExecutionProvider"]}
+    assert "torch.cuda.is_available() is False" in bench_run.check_device(args, no_cuda)
+    no_ep = {"cuda_available": True, "ort_providers": ["CPUExecutionProvider"]}
+    assert "CUDAExecutionProvider" in bench_run.check_device(args, no_ep)
+    args.impls = "pml,eager"
+    assert bench_run.check_device(args, no_ep) is None
+    cpu = bench_run.parse_args(["--out", "/tmp/unused_bench_out"])
+    assert bench_run.check_device(cpu, no_cuda) is None
+
+
+def test_torchscript_rows_get_two_warmup_calls(tmp_path):
+    # planned: --quick asks for one warm-up call, TorchScript rows are given two
+    args = bench_run.parse_args(["--quick", "--out", str(tmp_path), "--miners", "BatchHardMiner",
+                                 "--impls", "pml,torchscript"])
+    env = {"cuda_available": False, "ort_providers": []}
+    to_run, _, _ = bench_run.plan(args, env)
+    warm = {r["impl"]: r["warmup"] for r in to_run}
+    assert warm == {"pml": 1, "torchscript": 2}
+    # run: even asked for one and with every call longer than budget_s / 2 (budget 0), the
+    # worker makes two warm-up calls and records the count it made
+    task = bench_run.row_task("BatchHardMiner", "torchscript", 16, warmup=1, repeats=1,
+                              min_repeats=1, budget_s=0.0, threads=1)
+    (res,) = bench_run.run_tasks([task], "none", 0)
+    assert res["status"] == "ok", res
+    assert res["warmup"] == 2 and res["repeats"] == 1
+
+
+def test_timeout_skips_larger_n_with_rows_sharing_a_process():
+    slow = [bench_run.row_task("TripletMarginMiner", "pml", n, cap_s=0.2, warmup=1, repeats=1)
+            for n in (1024, 2048)]
+    first, second = bench_run.run_tasks(slow, "none", 0)
+    assert first["status"] == "timeout", first
+    assert second["status"] == "skipped" and "timeout at N=1024" in second["reason"], second
+
+
+# ------------------------------------------------------------------ report
+
+
+def _row(miner, n, impl, ms=1.0, **extra):
+    return dict({"miner": miner, "n": n, "impl": impl, "status": "ok", "median_ms": ms,
+                 "times_ms": [ms], "repeats": 1, "warmup": 1, "peak_mem_mb": 1.0}, **extra)
+
+
+def _result(device="cpu", date="2025-01-01", git="abc", rows=None, sizes=(64,)):
+    return {"meta": {"device": device, "date": date, "git": git, "wall_s": 1.0,
+                     "mem_limit": "as 8 GB", "sizes": list(sizes),
+                     "args": {"warmup": 1, "repeats": 1, "min_repeats": 1, "cap_s": 60.0,
+                              "rows_per_process": 1, "quick": True}},
+            "rows": rows if rows is not None else [_row("BatchHardMiner", 64, "pml")]}
+
+
+def _dump(path, result):
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_report_user_mistakes_are_clean_errors(tmp_path, capsys):
+    cpu = _dump(tmp_path / "a.json", _result("cpu"))
+    cuda = _dump(tmp_path / "b.json", _result("cuda"))
+    no_meta = _dump(tmp_path / "c.json", {"rows": []})
+    cases = [
+        ([cpu, cuda, "--merge"], "cannot merge runs on different devices"),
+        ([no_meta], "not a benchmark result"),
+        ([str(tmp_path / "missing.json")], "no such file"),
+    ]
+    other = tmp_path / "other"
+    other.mkdir()
+    cpu2 = _dump(other / "bench_cpu.json", _result("cpu", date="2025-02-02"))
+    cases.append(([cpu, cpu2, "--out", str(tmp_path / "out")], "pass --merge"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            bench_report.main(argv + ["--no-plots"])
+        assert exc.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_merge_keeps_every_source_run(tmp_path):
+    a = _result(date="2025-01-01", git="aaa", sizes=(64,))
+    b = _result(date="2025-02-02", git="bbb", sizes=(128,),
+                rows=[_row("BatchHardMiner", 128, "pml")])
+    c = _result(date="2025-03-03", git="ccc", sizes=(256,),
+                rows=[_row("BatchHardMiner", 256, "pml")])
+    merged = bench_report.merge([bench_report.merge([a, b]), c])
+    srcs = merged["meta"]["merged"]
+    assert [s["git"] for s in srcs] == ["aaa", "bbb", "ccc"]
+    assert [s["sizes"] for s in srcs] == [[64], [128], [256]]
+    assert all(s["mem_limit"] == "as 8 GB" and s["wall_s"] == 1.0 for s in srcs)
+    assert merged["meta"]["date"] is None and merged["meta"]["git"] is None
+    md = bench_report.markdown(merged)
+    assert "Merge of 3 runs" in md
+    assert all(x in md for x in ("aaa", "bbb", "ccc", "2025-01-01", "2025-03-03"))
+    assert "- Date:" not in md
+
+
+def test_report_tables_without_columns_and_untimed_rows():
+    skipped = _result(rows=[dict(_row("BatchHardMiner", 64, "pml"), status="skipped",
+                                 reason="CUDA not available")])
+    md = bench_report.markdown(skipped)
+    for line in md.splitlines():  # every table: header and delimiter have the same cells
+        assert not line.startswith("| Miner | N |  |"), line
+    assert "No rows" in md
+    cold = _result(rows=[_row("BatchHardMiner", 64, "pml"),
+                         _row("BatchHardMiner", 64, "eager", ms=50.0, times_ms=[], repeats=0,
+                              note="no timed call (repeats=0): cold call")])
+    md = bench_report.markdown(cold)
+    line = next(x for x in md.splitlines() if x.startswith("| BatchHardMiner | 64 |"))
+    assert "(1 call)[^1]" in line and "x)" not in line  # marked, and no ratio to PML
+    assert "[^1]: no timed call (repeats=0): cold call" in md
