@@ -179,3 +179,31 @@ def test_distance_input_errors_name_the_argument():
         for args, msg in cases:
             with pytest.raises(ValueError, match=msg):
                 cls()(*args)
+
+
+@pytest.mark.parametrize("name, kw", [("LpDistance", {}), ("CosineSimilarity", {}),
+                                      ("DotProductSimilarity", {"normalize_embeddings": False}),
+                                      ("LpDistance", {"p": 1, "normalize_embeddings": False}),
+                                      ("SNRDistance", {})])
+def test_collect_stats_records_pmls_norm_statistics(name, kw):
+    import pytorch_metric_learning.distances as pml_d
+
+    import exportminers.distances as ed
+    import exportminers.miners as em
+    g = torch.Generator().manual_seed(3)
+    x, r = 3 * torch.randn(8, 4, generator=g), 2 * torch.randn(5, 4, generator=g)
+    ours, theirs = getattr(ed, name)(collect_stats=True, **kw), getattr(pml_d, name)(
+        collect_stats=True, **kw)
+    assert ours._record_these == theirs._record_these
+    assert ours._record_these_stats == theirs._record_these_stats
+    for args in ((x,), (x, r)):
+        ours(*args)
+        theirs(*args)
+        for k in theirs._record_these_stats:
+            assert getattr(ours, k) == pytest.approx(getattr(theirs, k), rel=1e-6), k
+    scripted = torch.jit.script(em.TripletMarginMiner(distance=getattr(ed, name)(
+        collect_stats=True, **kw)))
+    scripted(x, torch.arange(8) % 2, r, torch.arange(5) % 2)
+    assert scripted.distance.initial_avg_ref_norm == pytest.approx(theirs.initial_avg_ref_norm,
+                                                                   rel=1e-6)
+    assert getattr(ed, name)(**kw)._record_these_stats == []

@@ -245,3 +245,43 @@ def test_pair_masks_anchor_ids_brute_force(seed):
     bpos, bneg = lmu.pair_masks(ry[rows], ry, rows)
     spos, sneg = lmu.pair_masks(ry)
     assert torch.equal(bpos, spos[rows]) and torch.equal(bneg, sneg[rows])
+
+
+# ------------------------------------------- the rest of PML's lmu (cross-batch memory)
+
+def test_more_pml_helpers_match_pml():
+    import pytorch_metric_learning.utils.loss_and_miner_utils as pml_lmu
+
+    from exportminers.utils import loss_and_miner_utils as ours
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        m = int(torch.randint(1, 12, (1,), generator=g))
+        y = torch.randint(0, 3, (n,), generator=g)
+        ry = torch.randint(0, 3, (m,), generator=g)
+        if t % 3 == 0:
+            y = y.to(torch.int32)
+        mt, df = pml_lmu.get_matches_and_diffs(y, ry)
+        for got, want in ((ours.get_all_triplets_indices_vectorized_method(mt, df),
+                           pml_lmu.get_all_triplets_indices_vectorized_method(mt, df)),
+                          (ours.get_all_triplets_indices_loop_method(y, mt, df),
+                           pml_lmu.get_all_triplets_indices_loop_method(y, mt, df))):
+            assert all(torch.equal(u, v) and u.dtype == v.dtype for u, v in zip(got, want)), t
+        tup = pml_lmu.get_all_pairs_indices(y) if t % 2 else pml_lmu.get_all_triplets_indices(y)
+        assert all(torch.equal(u, v) for u, v in zip(
+            ours.convert_to_pos_pairs_with_unique_labels(tup, y),
+            pml_lmu.convert_to_pos_pairs_with_unique_labels(tup, y))), t
+        ref_size, bs = 20, max(n, 1)
+        idx = (torch.arange(bs) + int(torch.randint(0, ref_size, (1,), generator=g))) % ref_size
+        a = torch.randint(0, bs, (30,), generator=g)
+        p = torch.randint(0, ref_size, (30,), generator=g)
+        neg = torch.randint(0, ref_size, (30,), generator=g)
+        for subset in (False, True):
+            for tup in ((a, p, neg), (a, p, a.clone(), neg)):
+                got = ours.remove_self_comparisons(tuple(v.clone() for v in tup), idx, ref_size,
+                                                   subset)
+                want = pml_lmu.remove_self_comparisons(tuple(v.clone() for v in tup), idx,
+                                                       ref_size, subset)
+                assert all(torch.equal(u, v) for u, v in zip(got, want)), t
+    with pytest.raises(ValueError, match="indices_tuple must hold 3"):
+        ours.remove_self_comparisons((a, p), idx, 20)

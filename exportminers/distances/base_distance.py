@@ -1,5 +1,5 @@
 """Distance base class: PML's constructor arguments and semantics, scriptable."""
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +7,10 @@ from torch import Tensor
 
 from .. import _ops
 from ..utils.checks import check_number, require_tensors
+
+
+NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm",
+              "final_avg_ref_norm"]
 
 
 class BaseDistance(torch.nn.Module):
@@ -25,6 +29,13 @@ class BaseDistance(torch.nn.Module):
     p: float
     power: float
     is_inverted: bool
+    collect_stats: bool
+    initial_avg_query_norm: float
+    initial_avg_ref_norm: float
+    final_avg_query_norm: float
+    final_avg_ref_norm: float
+    _record_these: List[str]
+    _record_these_stats: List[str]
 
     def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1,
                  is_inverted: bool = False, collect_stats: bool = False):
@@ -36,6 +47,29 @@ class BaseDistance(torch.nn.Module):
         self.power = check_number(power, "power")
         self.is_inverted = bool(is_inverted)
         self.collect_stats = bool(collect_stats)
+        # PML's record-keeper lists; with collect_stats, each call records the mean norm
+        # of the inputs before and after normalisation (eager and TorchScript)
+        self._record_these = ["p", "power"]
+        self._record_these_stats = list(NORM_STATS) if self.collect_stats else []
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.initial_avg_query_norm = 0.0
+        self.initial_avg_ref_norm = 0.0
+        self.final_avg_query_norm = 0.0
+        self.final_avg_ref_norm = 0.0
+
+    def record_norms(self, query_emb: Tensor, ref_emb: Optional[Tensor], q: Tensor,
+                     r: Optional[Tensor]) -> None:
+        """PML's distance statistics: mean ``get_norm`` of the inputs and of what the
+        matrix is computed from (``ref`` is the query when not given)."""
+        with torch.no_grad():
+            self.initial_avg_query_norm = float(self.get_norm(query_emb).mean())
+            self.final_avg_query_norm = float(self.get_norm(q).mean())
+            self.initial_avg_ref_norm = self.initial_avg_query_norm if ref_emb is None \
+                else float(self.get_norm(ref_emb).mean())
+            self.final_avg_ref_norm = self.final_avg_query_norm if r is None \
+                else float(self.get_norm(r).mean())
 
     def forward(self, query_emb: Tensor, ref_emb: Optional[Tensor] = None) -> Tensor:
         if not torch.jit.is_scripting():
@@ -62,11 +96,15 @@ class BaseDistance(torch.nn.Module):
             eps = 0.0   # F.normalize's 1e-12 in float16: a zero row still gives NaN, as PML's
         # (eps passed only then: a subclass's own maybe_normalize(embeddings) keeps working)
         q = self.maybe_normalize(query_emb, eps=eps) if half else self.maybe_normalize(query_emb)
+        r: Optional[Tensor] = None
         if ref_emb is None:
             mat = self.compute_mat(q, q, True)
         else:
             r = self.maybe_normalize(ref_emb, eps=eps) if half else self.maybe_normalize(ref_emb)
             mat = self.compute_mat(q, r, False)
+        if self.collect_stats and not _ops.is_exporting():
+            self.reset_stats()
+            self.record_norms(query_emb, ref_emb, q, r)
         if self.power != 1:
             mat = mat ** self.power
         return mat.half() if half else mat

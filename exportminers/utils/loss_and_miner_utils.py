@@ -122,6 +122,83 @@ def get_all_triplets_indices(labels: Tensor, ref_labels: Optional[Tensor] = None
     return torch.cat(pieces_a), torch.cat(pieces_p), torch.cat(pieces_n)
 
 
+def get_all_triplets_indices_vectorized_method(all_matches: Tensor, all_diffs: Tensor):
+    """(a, p, n) of ``all_matches[a, p] * all_diffs[a, n]`` in one pass (PML's name; the
+    whole N x M x M product exists at once)."""
+    return torch.where(all_matches.unsqueeze(2) * all_diffs.unsqueeze(1))
+
+
+def get_all_triplets_indices_loop_method(labels: Tensor, all_matches: Tensor,
+                                         all_diffs: Tensor):
+    """The same triplets as :func:`get_all_triplets_indices_vectorized_method`, one anchor
+    row at a time (PML's name and dtypes: anchors in ``labels``' dtype)."""
+    matches, diffs = all_matches.bool(), all_diffs.bool()
+    rows = torch.where(matches.any(dim=1) & diffs.any(dim=1))[0]
+    if len(rows) == 0:
+        empty = torch.empty(0, dtype=labels.dtype, device=labels.device)
+        return empty, empty.clone(), empty.clone()
+    a: List[Tensor] = []
+    p: List[Tensor] = []
+    n: List[Tensor] = []
+    for i in rows.tolist():
+        pos = torch.where(matches[i])[0]
+        neg = torch.where(diffs[i])[0]
+        a.append(torch.full((len(pos) * len(neg),), i, dtype=labels.dtype,
+                            device=labels.device))
+        p.append(pos.repeat_interleave(len(neg)))
+        n.append(neg.repeat(len(pos)))
+    return torch.cat(a), torch.cat(p), torch.cat(n)
+
+
+def convert_to_pos_pairs_with_unique_labels(indices_tuple, labels: Tensor):
+    """One positive pair per anchor label: of the pairs ``convert_to_pairs`` gives, the
+    first whose anchor has each label, in label order (PML's rule)."""
+    a, p, _, _ = convert_to_pairs(indices_tuple, labels)
+    if len(a) == 0:
+        return a, p
+    values = labels[a]
+    uniq, inverse = torch.unique(values, sorted=True, return_inverse=True)
+    order = torch.arange(len(values), device=values.device)
+    first = torch.full((len(uniq),), len(values), dtype=torch.long, device=values.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return a[first], p[first]
+
+
+def not_self_comparisons(a: Tensor, p: Tensor, s: int, e: int, curr_batch_idx: Tensor,
+                         ref_size: int, ref_is_subset: bool = False) -> Tensor:
+    """Keep-mask of pairs ``(a, p)`` that do not compare a batch row with its own copy in
+    a reference memory (PML's cross-batch-memory helper): ``curr_batch_idx`` are the
+    memory rows ``s .. e`` holding the current batch (``e <= s``: wrapped around a memory
+    of ``ref_size`` rows); ``ref_is_subset`` swaps the roles of ``a`` and ``p``."""
+    if ref_is_subset:
+        a, p = p, a
+    in_batch = (p.unsqueeze(1) == curr_batch_idx).any(dim=1)
+    a_c = a[in_batch]
+    p_c = p[in_batch] - s
+    if e <= s:
+        p_c[p_c <= e - s] += ref_size
+    keep = in_batch.clone()
+    keep[torch.where(in_batch)[0][a_c == p_c]] = False
+    return keep | ~in_batch
+
+
+def remove_self_comparisons(indices_tuple, curr_batch_idx: Tensor, ref_size: int,
+                            ref_is_subset: bool = False):
+    """``indices_tuple`` without its self-comparisons (see :func:`not_self_comparisons`):
+    triplets lose them whole, pairs only from the positive pairs (PML's rule)."""
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError(f"indices_tuple must hold 3 (triplets) or 4 (pairs) tensors, got "
+                         f"{len(indices_tuple)}")
+    s, e = curr_batch_idx[0], curr_batch_idx[-1]
+    keep = not_self_comparisons(indices_tuple[0], indices_tuple[1], s, e, curr_batch_idx,
+                                ref_size, ref_is_subset)
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        return a[keep], p[keep], n[keep]
+    a1, p, a2, n = indices_tuple
+    return a1[keep], p[keep], a2, n
+
+
 def convert_to_pairs(indices_tuple, labels: Tensor, ref_labels: Optional[Tensor] = None):
     """Any indices tuple (None, triplets, pairs) -> (a1, p, a2, n)."""
     if indices_tuple is None:
