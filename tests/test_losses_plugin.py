@@ -105,3 +105,39 @@ def test_triplet_margin_loss_edge_batches(case_name):
     lo = our_loss(margin=0.2)(case.x, case.y)
     lr = pml_losses.TripletMarginLoss(margin=0.2)(case.x, case.y)
     assert torch.allclose(lo.double(), lr.double(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, {"swap": True}, {"smooth_loss": True}, {"margin": 0.3}])
+def test_triplet_margin_loss_with_reference_sets_matches_pml(kw):
+    import pytorch_metric_learning.losses as pml_losses
+
+    from exportminers import losses, miners
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        xr, yr = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+        ours, pml = losses.TripletMarginLoss(**kw), pml_losses.TripletMarginLoss(**kw)
+        mined = miners.TripletMarginMiner()(x, y, xr, yr)
+        for args in ((x, y, None, xr, yr), (x, y, mined, xr, yr), (x, y, None, x, y)):
+            assert float(ours(*args)) == pytest.approx(float(pml(*args)), abs=1e-6)
+    scripted = torch.jit.script(losses.TripletMarginLoss(**kw))
+    assert float(scripted(x, y, None, xr, yr)) == pytest.approx(float(pml(x, y, None, xr, yr)),
+                                                               abs=1e-6)
+
+
+def test_triplet_margin_loss_triplets_per_anchor_matches_pml():
+    import pytorch_metric_learning.losses as pml_losses
+
+    from exportminers import losses
+    g = torch.Generator().manual_seed(2)
+    for seed in range(6):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        torch.manual_seed(seed)
+        ours = losses.TripletMarginLoss(triplets_per_anchor=3)(x, y)
+        torch.manual_seed(seed)
+        theirs = pml_losses.TripletMarginLoss(triplets_per_anchor=3)(x, y)
+        assert float(ours) == pytest.approx(float(theirs), abs=1e-6)
+    with pytest.raises(ValueError, match="triplets_per_anchor must be a positive integer"):
+        losses.TripletMarginLoss(triplets_per_anchor=0)
+    with pytest.raises(ValueError, match="ref_emb and ref_labels go together"):
+        losses.TripletMarginLoss()(x, y, None, x, None)

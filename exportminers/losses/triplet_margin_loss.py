@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..distances import BaseDistance, LpDistance
 from ..utils import loss_and_miner_utils as lmu
-from ..utils.checks import check_number
+from ..utils.checks import check_number, check_positive_int
 
 
 def triplet_margin_loss(mat: Tensor, a: Tensor, p: Tensor, n: Tensor, margin: float,
@@ -58,33 +58,57 @@ class TripletMarginLoss(torch.nn.Module):
         margin: the margin (PML default 0.05).
         swap: use the positive-negative distance when it is harder.
         smooth_loss: softplus instead of relu.
+        triplets_per_anchor: ``"all"`` (PML's default) or how many random triplets per
+            anchor to use when no ``indices_tuple`` is given (eager only, as PML's
+            ``convert_to_triplets``).
         distance: default L2 on normalised embeddings.
 
-    Call: ``loss(embeddings, labels, indices_tuple=None)``; ``indices_tuple`` is
-    ``(a, p, n)`` or ``(a1, p, a2, n)``; None means every valid triplet.
+    Call: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``;
+    ``indices_tuple`` is ``(a, p, n)`` or ``(a1, p, a2, n)``; None means every valid
+    triplet. With ``ref_emb`` / ``ref_labels``, positives and negatives index them.
     """
 
     margin: float
     swap: bool
     smooth_loss: bool
+    t_per_anchor: int
 
     def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
-                 distance: Optional[BaseDistance] = None):
+                 triplets_per_anchor="all", distance: Optional[BaseDistance] = None):
         super().__init__()
         self.margin = check_number(margin, "margin")
         self.swap = bool(swap)
         self.smooth_loss = bool(smooth_loss)
+        if triplets_per_anchor == "all":
+            self.t_per_anchor = -1
+        else:
+            self.t_per_anchor = check_positive_int(triplets_per_anchor, "triplets_per_anchor")
         self.distance = LpDistance() if distance is None else distance
 
+    @torch.jit.unused
+    def random_triplets(self, labels: Tensor, ref_labels: Optional[Tensor]) -> List[Tensor]:
+        a, p, n = lmu.get_random_triplet_indices(labels, ref_labels,
+                                                 t_per_anchor=self.t_per_anchor)
+        return [a, p, n]
+
     def forward(self, embeddings: Tensor, labels: Tensor,
-                indices_tuple: Optional[List[Tensor]] = None) -> Tensor:
-        mat = self.distance(embeddings, None)
+                indices_tuple: Optional[List[Tensor]] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("ref_emb and ref_labels go together; pass both or neither")
+        if ref_labels is labels and ref_emb is embeddings:   # PML: the batch itself
+            ref_emb, ref_labels = None, None
+        mat = self.distance(embeddings, ref_emb)
+        if indices_tuple is None and self.t_per_anchor > 0:
+            t = self.random_triplets(labels, ref_labels)
+            return triplet_margin_loss(mat, t[0], t[1], t[2], self.margin,
+                                       self.distance.is_inverted, self.swap, self.smooth_loss)
         if indices_tuple is None and not self.swap:
-            pos, neg = lmu.pair_masks(labels, None)
+            pos, neg = lmu.pair_masks(labels, ref_labels)
             return dense_triplet_margin_loss(mat, pos, neg, self.margin,
                                              self.distance.is_inverted, self.smooth_loss)
         if indices_tuple is None:
-            pos, neg = lmu.pair_masks(labels, None)
+            pos, neg = lmu.pair_masks(labels, ref_labels)
             t = torch.nonzero(lmu.triplet_mask(pos, neg))
             a, p, n = t[:, 0], t[:, 1], t[:, 2]
         elif len(indices_tuple) == 3:
@@ -100,4 +124,6 @@ class TripletMarginLoss(torch.nn.Module):
                                    self.swap, self.smooth_loss)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin:g}, swap={self.swap}, smooth_loss={self.smooth_loss}"
+        tpa = "all" if self.t_per_anchor < 0 else self.t_per_anchor
+        return (f"margin={self.margin:g}, swap={self.swap}, smooth_loss={self.smooth_loss}, "
+                f"triplets_per_anchor={tpa}")
