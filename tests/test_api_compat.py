@@ -123,3 +123,50 @@ def test_hdc_graph_at_width_16_verifies(tmp_path):
     path = exportminers.export_onnx(m, tmp_path / "hdc.onnx", embedding_dim=16)
     report = verify_graph(m, str(path))
     assert report["ok"], report["runs"]
+
+
+def test_custom_distance_overriding_normalize_still_works(tmp_path):
+    from torch import Tensor
+
+    class MyDist(distances.LpDistance):
+        def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+            return embeddings / torch.linalg.vector_norm(
+                embeddings, 2.0, dim=dim, keepdim=True).clamp_min(1e-6)
+
+    class MyMaybe(distances.LpDistance):
+        def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
+            return embeddings * 2.0
+
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for dist in (MyDist(), MyMaybe()):
+        want = miners.TripletMarginMiner(distance=dist)(x, y)
+        got = torch.jit.script(miners.TripletMarginMiner(distance=dist))(x, y)
+        assert all(torch.equal(u, v) for u, v in zip(got, want))
+        path = exportminers.export_onnx(miners.TripletMarginMiner(distance=dist),
+                                        tmp_path / "tm16.onnx", dtype=torch.float16)
+        out = exportminers.OnnxMiner(path)(x.half().numpy(), y.numpy())
+        assert len(out) == 3
+
+
+def test_older_api_mine_refuses_a_reference_set():
+    class Old(miners.BaseMiner):
+        def mine(self, embeddings, labels):
+            return lmu.get_all_triplets_indices(labels)
+
+    x, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"Old.mine\(embeddings, labels\) takes no reference"):
+        Old()(x, y, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert len(Old()(x, y, x, y)[0]) == len(Old()(x, y)[0])   # the batch itself: self-mining
+
+
+def test_verify_mirrored_ties_only_for_symmetric_pair_miners(tmp_path):
+    from exportminers import verify
+    assert set(verify.SYMMETRIC_PAIR_MINERS) == {"PairMarginMiner", "HDCMiner"}
+    m = miners.BatchEasyHardMiner()
+    b = verify.random_batch(12, 8, seed=0)
+    want = verify.eager_tuples(m, b)
+    transposed = [want[1], want[0], want[3], want[2]]
+    path = exportminers.export_onnx(m, tmp_path / "beh.onnx", embedding_dim=8)
+    om = exportminers.OnnxMiner(path)
+    assert om.miner_name not in verify.SYMMETRIC_PAIR_MINERS
+    assert not verify.compare(transposed, want, "pairs")[0]

@@ -271,7 +271,7 @@ def test_float64_beyond_float32_range_is_excluded_without_numpy_warning(tmp_path
 def test_one_row_blocks_give_the_same_scores(tmp_path, metric):
     """Query blocks of one row used to run a matrix-vector kernel with other rounding."""
     rng = np.random.default_rng(1)
-    x = rng.integers(-1, 2, size=(29, 4)).astype(np.float32)
+    x = rng.standard_normal((29, 64)).astype(np.float32)   # rounding differs by kernel
     y = rng.integers(0, 3, 29)
     got = {}
     for bs in ((1, 8), (29, 29), (1, 1), (5, 3)):
@@ -285,3 +285,38 @@ def test_one_row_blocks_give_the_same_scores(tmp_path, metric):
 def test_demo_refuses_input_options(capsys):
     assert cli_main(["--demo", "--labels", "l.npy", "--no-progress"]) == 2
     assert "--demo mines built-in data: it takes no --labels" in capsys.readouterr().err
+
+
+def test_id_column_empty_string_uses_row_numbers(tmp_path):
+    x, y, _ = _data(0, 20)
+    p = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), D),
+                             "label": pa.array(y), "id": [f"img{i}.jpg" for i in range(20)]}), p)
+    with pytest.raises(ValueError, match="id column 'id' must be non-null integers"):
+        _mine(str(p), tmp_path / "o1")
+    _, rows = _mine(str(p), tmp_path / "o2", id_column="")
+    assert [r["query_id"] for r in rows] == list(range(20))
+
+
+def test_id_column_in_some_shards_only_is_an_error(tmp_path):
+    d = tmp_path / "f"
+    d.mkdir()
+    x, y, ids = _data(0, 20)
+    _write(d / "a.parquet", x[:10], y[:10], ids[:10])
+    _write(d / "b.parquet", x[10:], y[10:])
+    with pytest.raises(ValueError, match="id column 'id' present in some shards only"):
+        _mine(str(d), tmp_path / "o")
+    _, rows = _mine(str(d), tmp_path / "o2", id_column="")
+    assert len(rows) == 20
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_out_dir_in_a_linked_subfolder_is_refused(tmp_path):
+    x, y, ids = _data(0, 30)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _write(tmp_path / "data" / "p.parquet", x, y, ids)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    with pytest.raises(ValueError, match=r"inside the input folder .* \(through .*elsewhere\)"):
+        _mine(str(tmp_path / "data"), tmp_path / "elsewhere" / "out")
+    _mine(str(tmp_path / "data"), tmp_path / "elsewhere" / "_out")   # skipped by the scan

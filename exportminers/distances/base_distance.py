@@ -88,19 +88,16 @@ class BaseDistance(torch.nn.Module):
         # CPU EP runs chains of float16 ops in float32 without rounding between them, so
         # rounding each step (normalisation included) would differ from torch's
         half = query_emb.dtype == torch.float16 and _ops.is_exporting()
-        eps = 1e-12
         if half:
             query_emb = query_emb.float()
             if ref_emb is not None:
                 ref_emb = ref_emb.float()
-            eps = 0.0   # F.normalize's 1e-12 in float16: a zero row still gives NaN, as PML's
-        # (eps passed only then: a subclass's own maybe_normalize(embeddings) keeps working)
-        q = self.maybe_normalize(query_emb, eps=eps) if half else self.maybe_normalize(query_emb)
+        q = self._half_graph_normalize(query_emb) if half else self.maybe_normalize(query_emb)
         r: Optional[Tensor] = None
         if ref_emb is None:
             mat = self.compute_mat(q, q, True)
         else:
-            r = self.maybe_normalize(ref_emb, eps=eps) if half else self.maybe_normalize(ref_emb)
+            r = self._half_graph_normalize(ref_emb) if half else self.maybe_normalize(ref_emb)
             mat = self.compute_mat(q, r, False)
         if self.collect_stats and not _ops.is_exporting():
             self.reset_stats()
@@ -130,14 +127,27 @@ class BaseDistance(torch.nn.Module):
         """How far ``x`` is beyond ``y`` in the "farther" direction."""
         return y - x if self.is_inverted else x - y
 
-    def normalize(self, embeddings: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    def normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
         if dim == 1:
-            return _ops.normalize(embeddings, self.p, eps)
-        return F.normalize(embeddings, p=self.p, dim=dim, eps=eps)
+            return _ops.normalize(embeddings, self.p)
+        return F.normalize(embeddings, p=self.p, dim=dim)
 
-    def maybe_normalize(self, embeddings: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    def maybe_normalize(self, embeddings: Tensor, dim: int = 1) -> Tensor:
         if self.normalize_embeddings:
-            return self.normalize(embeddings, dim=dim, eps=eps)
+            return self.normalize(embeddings, dim=dim)
+        return embeddings
+
+    @torch.jit.unused
+    def _half_graph_normalize(self, embeddings: Tensor) -> Tensor:
+        """A float16 graph's normalisation, in float32: F.normalize's eps of 1e-12 is 0 in
+        float16, so a zero row gives NaN, as PML's. A subclass's own normalisation is used
+        as it is. (Export only: never compiled into TorchScript.)"""
+        own = type(self).normalize is not BaseDistance.normalize or \
+            type(self).maybe_normalize is not BaseDistance.maybe_normalize
+        if own:
+            return self.maybe_normalize(embeddings)
+        if self.normalize_embeddings:
+            return _ops.normalize(embeddings, self.p, 0.0)
         return embeddings
 
     def get_norm(self, embeddings: Tensor, dim: int = 1) -> Tensor:

@@ -199,8 +199,14 @@ class BaseMiner(torch.nn.Module):
             ref_emb = embeddings
         if ref_labels is None:   # the very labels object: lmu drops self-pairs, as in PML
             ref_labels = labels
+        two = _takes_two(self.mine)   # older API: mine(embeddings, labels)
+        if two and not (ref_emb is embeddings and ref_labels is labels):
+            raise ValueError(
+                f"{type(self).__name__}.mine(embeddings, labels) takes no reference set: "
+                "ref_emb / ref_labels cannot be used with it (give mine() the four "
+                "arguments embeddings, labels, ref_emb, ref_labels)")
         with torch.no_grad():
-            if _takes_two(self.mine):   # older API: mine(embeddings, labels)
+            if two:
                 output = self.mine(embeddings, labels)
             else:
                 output = self.mine(embeddings, labels, ref_emb, ref_labels)

@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--embedding-column", default="embedding", help="Parquet embedding column (default: %(default)s)")
     io.add_argument("--label-column", default="label", help="Parquet label column (default: %(default)s)")
     io.add_argument("--id-column", default=None,
-                    help="Parquet id column (default: 'id' where every file has it, else row "
-                         "numbers; a column named here must exist)")
+                    help="Parquet id column (default: 'id' where the files have it, else row "
+                         "numbers; a column named here must exist; '' ignores any id column)")
     io.add_argument("-o", "--out", default=None, help="output folder (default: ./mined, or ./exportminers-demo with --demo)")
     io.add_argument("--format", default="triplets",
                     help="flat files to write, comma separated: triplets, ntuples, pairs, or none (default: %(default)s)")

@@ -20,7 +20,7 @@ from .engine import (DEFAULT_BLOCKS, BlockRunner, DeviceBlock, check_block_sizes
                      prepare_block, resolve_device, run_pass, select_window)
 from .graphs import GraphSpec
 from .progress import Progress
-from .sources import SENTINEL, RowBlock, Source, arg_name, open_source
+from .sources import SENTINEL, RowBlock, Source, arg_name, open_source, scanned_folders
 
 STOP_ENV = "EXPORTMINERS_PIPELINE_STOP_AFTER_SHARDS"  # test hook: exit after N shards
 STATE_FILE = "_state.json"
@@ -149,8 +149,9 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         progress: progress bar with throughput on stderr.
         plot: write ``scores.png``.
         embedding_column, label_column, id_column: Parquet column names. ``id_column=None``
-            reads a column ``id`` where every file has one (else ids are row numbers); a
-            column named explicitly must be in every file.
+            reads a column ``id`` where the files have one (else ids are row numbers; in
+            some files only: an error); a column named explicitly must be in every file;
+            ``""`` ignores any id column (ids are row numbers).
         engine: ``"local"`` (this process, the default) or ``"ray"``: the same mining on
             a Ray cluster (needs ``pip install exportminers[ray]``); see
             :func:`exportminers.pipeline.ray_engine.mine_ray` for ``ray_address``,
@@ -385,16 +386,19 @@ def check_out_vs_inputs(out_dir, inp: "Inputs") -> None:
     work = [out / d for d in WORK_DIRS]
     for side, src in (("queries", inp.qsrc), ("bank", inp.bsrc)):
         what = arg_name(side, "data")
-        if src.root is not None:
-            root = src.root.resolve()
-            if out == root or root in out.parents:
-                inside = out.relative_to(root).parts
-                if not any(part.startswith((".", "_")) for part in inside):
-                    raise ValueError(
-                        f"out_dir (-o/--out): {out_dir} is {'the' if not inside else 'inside the'}"
-                        f" input folder {src.root} ({what}): the outputs would be read as input "
-                        "by a rerun; choose an out_dir outside it (or a subfolder whose name "
-                        "starts with '_', which input folders skip)")
+        if src.root is not None:   # every folder the scan walked, linked ones included
+            for folder in sorted(scanned_folders(src.root)):
+                root = Path(folder)
+                if out == root or root in out.parents:
+                    inside = out.relative_to(root).parts
+                    if not any(part.startswith((".", "_")) for part in inside):
+                        raise ValueError(
+                            f"out_dir (-o/--out): {out_dir} is "
+                            f"{'the' if not inside else 'inside the'} input folder {src.root}"
+                            + ("" if root == src.root.resolve() else f" (through {root})")
+                            + f" ({what}): the outputs would be read as input by a rerun; "
+                            "choose an out_dir outside it (or a subfolder whose name starts "
+                            "with '_', which input folders skip)")
         for f in src.paths:
             fr = Path(f).resolve()
             if fr in produced or any(w == fr or w in fr.parents for w in work):

@@ -173,13 +173,15 @@ class ParquetSource(Source):
     def __init__(self, files: Sequence[Union[str, Path]], embedding_column="embedding",
                  label_column="label", id_column: Optional[str] = None, name=None,
                  side: str = "queries"):
-        """``id_column=None`` reads the column ``id`` where every file has it (else the
-        ids are row numbers); a column named explicitly must be in every file."""
+        """``id_column=None`` reads the column ``id`` where the files have it (else the
+        ids are row numbers; in some files only: an error); a column named explicitly
+        must be in every file; ``""`` ignores any id column (row numbers)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.side = side
-        id_required = id_column is not None
+        id_required = bool(id_column)
+        no_ids = id_column == ""
         id_column = DEFAULT_ID_COLUMN if id_column is None else id_column
 
         self.files = [Path(f) for f in files]
@@ -208,7 +210,7 @@ class ParquetSource(Source):
                         + ("; Hive-style partition folders (key=value) are not read as "
                            "columns" if hive else ""))
             self._check_embedding_type(f, pf.schema_arrow.field(embedding_column).type)
-            this_has = id_column in names
+            this_has = not no_ids and id_column in names
             if id_required and not this_has:
                 raise ValueError(f"{what}: {f} has no id column {id_column!r} (--id-column; "
                                  f"columns: {names})")
@@ -349,11 +351,21 @@ class ParquetSource(Source):
                           for f in ("emb", "labels", "label_ok", "ids")))
 
 
+_SCANNED: dict = {}   # folder (real path) -> the real folders its last scan walked
+
+
+def scanned_folders(root: Path) -> set:
+    """The real paths of the folders the last scan of ``root`` walked (links followed)."""
+    return set(_SCANNED.get(os.path.realpath(root), {os.path.realpath(root)}))
+
+
 def _scan_folder(p: Path, what: str = "input"):
     """Files under a folder (recursive, sorted; names starting with ``.`` or ``_`` skipped,
     as pyarrow datasets do): (parquet files, .npy files, other files)."""
     parquet, npy, other = [], [], []
-    seen = {os.path.realpath(p)}
+    seen = _SCANNED.setdefault(os.path.realpath(p), set())
+    seen.clear()
+    seen.add(os.path.realpath(p))
     for root, dirs, files in os.walk(p, followlinks=True):  # linked folders are read too
         keep = []
         for d in sorted(dirs):
