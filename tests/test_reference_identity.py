@@ -117,12 +117,15 @@ def test_random_miners_never_pair_a_row_with_itself(name):
             assert all(torch.equal(u, v) for u, v in zip(a, b))  # = self-mining, same draws
 
 
-class _CustomTriplets(BaseMiner):
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
-        mat = self.distance(embeddings, ref_emb)
-        a, p, n = lmu.get_all_triplets_indices(labels, ref_labels)
-        keep = mat[a, n] - mat[a, p] <= 1.0
-        return a[keep], p[keep], n[keep]
+def _custom_triplets(base, helpers):
+    """The seed doc's kind of custom miner, on ``base`` with ``helpers`` (an lmu module)."""
+    class Custom(base):
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            mat = self.distance(embeddings, ref_emb)
+            a, p, n = helpers.get_all_triplets_indices(labels, ref_labels)
+            keep = mat[a, n] - mat[a, p] <= 1.0
+            return a[keep], p[keep], n[keep]
+    return Custom()
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16])
@@ -132,15 +135,9 @@ def test_custom_miner_keeps_label_identity(dtype):
     import pytorch_metric_learning.utils.loss_and_miner_utils as pml_lmu
     from pytorch_metric_learning.miners import BaseMiner as PMLBase
 
-    class PMLCustom(PMLBase):
-        def mine(self, embeddings, labels, ref_emb, ref_labels):
-            mat = self.distance(embeddings, ref_emb)
-            a, p, n = pml_lmu.get_all_triplets_indices(labels, ref_labels)
-            keep = mat[a, n] - mat[a, p] <= 1.0
-            return a[keep], p[keep], n[keep]
-
     for x, y, x2 in _batches(5, n=10):
         y = y.to(dtype)
         for args in ((x, y), (x, y, x, y), (x, y, x2, y), (x, y, x2, y.clone())):
-            got = _pairs_or_triplets(_CustomTriplets()(*args))
-            assert got == _pairs_or_triplets(PMLCustom()(*args)), len(args)
+            got = _pairs_or_triplets(_custom_triplets(BaseMiner, lmu)(*args))
+            want = _pairs_or_triplets(_custom_triplets(PMLBase, pml_lmu)(*args))
+            assert got == want, len(args)
