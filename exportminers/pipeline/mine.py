@@ -20,7 +20,7 @@ from .engine import (DEFAULT_BLOCKS, BlockRunner, DeviceBlock, check_block_sizes
                      prepare_block, resolve_device, run_pass, select_window)
 from .graphs import GraphSpec
 from .progress import Progress
-from .sources import SENTINEL, RowBlock, Source, arg_name, open_source, scanned_folders
+from .sources import SENTINEL, RowBlock, Source, arg_name, open_source
 
 STOP_ENV = "EXPORTMINERS_PIPELINE_STOP_AFTER_SHARDS"  # test hook: exit after N shards
 STATE_FILE = "_state.json"
@@ -387,7 +387,7 @@ def check_out_vs_inputs(out_dir, inp: "Inputs") -> None:
     for side, src in (("queries", inp.qsrc), ("bank", inp.bsrc)):
         what = arg_name(side, "data")
         if src.root is not None:   # every folder the scan walked, linked ones included
-            for folder in sorted(scanned_folders(src.root)):
+            for folder in sorted(src.folders or {os.path.realpath(src.root)}):
                 root = Path(folder)
                 if out == root or root in out.parents:
                     inside = out.relative_to(root).parts

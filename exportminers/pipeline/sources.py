@@ -75,6 +75,7 @@ class Source:
     name: str
     paths: Sequence[Path] = ()  # the files it reads
     root: Optional[Path] = None  # the folder it was found in (folder inputs)
+    folders: frozenset = frozenset()  # real paths of the folders the scan walked
 
     def read(self, start: int, stop: int) -> RowBlock:  # pragma: no cover
         raise NotImplementedError
@@ -351,21 +352,12 @@ class ParquetSource(Source):
                           for f in ("emb", "labels", "label_ok", "ids")))
 
 
-_SCANNED: dict = {}   # folder (real path) -> the real folders its last scan walked
-
-
-def scanned_folders(root: Path) -> set:
-    """The real paths of the folders the last scan of ``root`` walked (links followed)."""
-    return set(_SCANNED.get(os.path.realpath(root), {os.path.realpath(root)}))
-
-
 def _scan_folder(p: Path, what: str = "input"):
     """Files under a folder (recursive, sorted; names starting with ``.`` or ``_`` skipped,
-    as pyarrow datasets do): (parquet files, .npy files, other files)."""
+    as pyarrow datasets do; linked folders followed): (parquet files, .npy files, other
+    files, the real paths of the folders walked)."""
     parquet, npy, other = [], [], []
-    seen = _SCANNED.setdefault(os.path.realpath(p), set())
-    seen.clear()
-    seen.add(os.path.realpath(p))
+    seen = {os.path.realpath(p)}
     for root, dirs, files in os.walk(p, followlinks=True):  # linked folders are read too
         keep = []
         for d in sorted(dirs):
@@ -385,7 +377,7 @@ def _scan_folder(p: Path, what: str = "input"):
             fp = Path(root) / f
             suffix = fp.suffix.lower()
             (parquet if suffix in PARQUET_SUFFIXES else npy if suffix == ".npy" else other).append(fp)
-    return parquet, npy, other
+    return parquet, npy, other, frozenset(seen)
 
 
 def _listing(paths, root: Path, most: int = 8) -> str:
@@ -426,7 +418,7 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
     if not p.exists():
         raise ValueError(f"{what}: {p} does not exist")
     if p.is_dir():
-        pq_files, npy_files, other = _scan_folder(p, what)
+        pq_files, npy_files, other, folders = _scan_folder(p, what)
         if pq_files and npy_files:
             raise ValueError(
                 f"{what}: folder {p} mixes Parquet files ({_listing(pq_files, p)}) and .npy "
@@ -436,7 +428,7 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
                           f"Parquet nor .npy: {_listing(other, p)}", RuntimeWarning, stacklevel=3)
         if pq_files:
             src = parquet(pq_files, str(p))
-            src.root = p
+            src.root, src.folders = p, folders
             return src
         if npy_files:
             extra = [f for f in npy_files if f.parent != p or f.name not in NPY_NAMES]
@@ -451,7 +443,7 @@ def open_source(data, labels=None, ids=None, *, embedding_column="embedding",
                 raise ValueError(f"{what}: {p} has embeddings.npy but no labels.npy")
             idp = ids if ids is not None else (p / "ids.npy" if (p / "ids.npy").is_file() else None)
             src = ArraySource(p / "embeddings.npy", lab, idp, name=str(p), side=name)
-            src.root = p
+            src.root, src.folders = p, folders
             return src
         raise ValueError(f"{what}: folder {p} holds no Parquet files (*.parquet, *.pq) and no "
                          "embeddings.npy")
