@@ -182,25 +182,41 @@ def test_random_parity(block):
     assert not fails, f"{len(fails)} of 100 differ; first: {fails[0]}"
 
 
-# float16: PML runs the same ops in half precision
+# float16 / bfloat16: PML runs the same ops in that precision (bfloat16: pairwise_distance
+# works there, cdist does not); the float64 shortcut must use its rounding, not float64's
 
-@pytest.mark.parametrize("block", range(4))
-def test_float16_parity(block):
-    g = torch.Generator().manual_seed(_seed(f"half-{block}"))
+def _reduced_precision_parity(tag: str, dtype, cases: int, d_hi: int, keep: float):
+    """``cases`` random batches in ``dtype`` (rows kept with probability ``keep``, the
+    others duplicates of random rows) against PML; returns the failure messages."""
+    g = torch.Generator().manual_seed(_seed(tag))
     fails = []
-    for _ in range(25):
+    for _ in range(cases):
         n = int(torch.randint(3, 20, (1,), generator=g))
-        d = int(torch.randint(2, 20, (1,), generator=g))
+        d = int(torch.randint(2, d_hi, (1,), generator=g))
         scale = 10.0 ** float(torch.empty(1).uniform_(-1, 2, generator=g))
         x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
-        src = torch.randint(0, n, (n,), generator=g)
-        x = torch.where((torch.rand(n, generator=g) < 0.6).unsqueeze(1), x, x[src]).half()
+        if keep < 1.0:
+            src = torch.randint(0, n, (n,), generator=g)
+            x = torch.where((torch.rand(n, generator=g) < keep).unsqueeze(1), x, x[src])
+        x = x.to(dtype)
         y = torch.randint(0, 3, (n,), generator=g)
         angle = _ANGLES[int(torch.randint(0, len(_ANGLES), (1,), generator=g))]
         ok, msg = _check(x, y, angle=angle)
         if not ok:
             fails.append(msg)
-    assert not fails, f"{len(fails)} of 25 differ; first: {fails[0]}"
+    return fails
+
+
+# (seed tag, dtype, batches, widths below, share of rows kept): float16 with duplicated
+# rows in 4 blocks, bfloat16 in 2
+REDUCED = [(f"half-{b}", torch.float16, 25, 20, 0.6) for b in range(4)] + \
+    [(f"bf16-{b}", torch.bfloat16, 20, 12, 1.0) for b in range(2)]
+
+
+@pytest.mark.parametrize("tag,dtype,cases,d_hi,keep", REDUCED, ids=[r[0] for r in REDUCED])
+def test_reduced_precision_parity(tag, dtype, cases, d_hi, keep):
+    fails = _reduced_precision_parity(tag, dtype, cases, d_hi, keep)
+    assert not fails, f"{len(fails)} of {cases} differ; first: {fails[0]}"
 
 
 def test_dense_kernel_agrees_with_mining():
@@ -212,26 +228,6 @@ def test_dense_kernel_agrees_with_mining():
     m = em.AngularMiner()
     out = decode(m.kernel(x, y, None, None, None), m.layout)
     assert _triplets(out) == _pml(x, y, None, None, 20.0)
-
-
-# bfloat16: PML runs the same ops in bfloat16 (pairwise_distance works there, cdist does
-# not); the float64 shortcut must use bfloat16's rounding, not float64's
-
-@pytest.mark.parametrize("block", range(2))
-def test_bfloat16_parity(block):
-    g = torch.Generator().manual_seed(_seed(f"bf16-{block}"))
-    fails = []
-    for _ in range(20):
-        n = int(torch.randint(3, 20, (1,), generator=g))
-        d = int(torch.randint(2, 12, (1,), generator=g))
-        scale = 10.0 ** float(torch.empty(1).uniform_(-1, 2, generator=g))
-        x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).bfloat16()
-        y = torch.randint(0, 3, (n,), generator=g)
-        angle = _ANGLES[int(torch.randint(0, len(_ANGLES), (1,), generator=g))]
-        ok, msg = _check(x, y, angle=angle)
-        if not ok:
-            fails.append(msg)
-    assert not fails, f"{len(fails)} of 20 differ; first: {fails[0]}"
 
 
 def test_bfloat16_audit_repro():
