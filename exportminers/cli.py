@@ -181,9 +181,14 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .export import ROW_INDEPENDENT, SELF_ONLY, SHAPE_OPS, build_miner, export_onnx, op_types
+    from .export import (ROW_INDEPENDENT, SELF_ONLY, SHAPE_OPS, build_miner, export_onnx,
+                         op_types, require_onnx_exporter)
     from .verify import verify_graph
 
+    try:
+        require_onnx_exporter()
+    except (RuntimeError, ImportError) as e:
+        raise SystemExit(f"exportminers export: {e}") from None
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
     if args.with_ref and args.anchor_blocks:
         raise SystemExit("exportminers export: --with-ref and --anchor-blocks exclude each other")
@@ -337,11 +342,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .export import build_miner, export_onnx
+    from .export import build_miner, export_onnx, require_onnx_exporter
     from .runtime import OnnxMiner
     from .verify import eager_tuples, random_batch
 
     from . import registry
+    try:
+        require_onnx_exporter()
+    except (RuntimeError, ImportError) as e:
+        raise SystemExit(f"exportminers demo: {e}") from None
     if args.miner not in registry.MINERS:
         raise SystemExit(f"--miner {args.miner!r}: unknown; built-in miners: "
                          f"{sorted(registry.MINERS)}")

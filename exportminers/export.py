@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import __version__, registry
+from . import __version__, _ops, registry
 from .runtime import metadata as md
 from .utils.checks import check_positive_int
 
@@ -50,6 +50,7 @@ SELF_ONLY = frozenset(n for n, s in registry.MINERS.items() if s.self_only)
 BATCH_MULTIPLE = {n: s.batch_multiple for n, s in registry.MINERS.items() if s.batch_multiple > 1}
 
 _EXAMPLE_N, _EXAMPLE_M, _EXAMPLE_D = 9, 14, 6
+_DIM_MAX = 2 ** 40
 _PROBES = ((1009, 2003), (1013, 2011))
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 _EXPORTER = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
@@ -59,6 +60,31 @@ _EXPORTER = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
 # graphs use: those nodes would fall back to the CPU. At 18 every node of every
 # exported graph has a CUDA kernel (tests/test_cuda_kernel_coverage.py).
 DEFAULT_OPSET = 18
+
+# The oldest torch whose exporter this package's test suite passes with (2.7, 2.8, 2.11
+# and 2.13 were run). torch 2.4 / 2.5 lack torch.onnx.export(dynamic_shapes=...); 2.6
+# names the dynamic axes s0, s1, ... instead of N, M, D, which OnnxMiner's block sizing
+# reads.
+MIN_EXPORT_TORCH = (2, 7)
+
+
+def require_onnx_exporter() -> None:
+    """Raise a clear error, before anything is traced, where this environment cannot
+    export: torch older than :data:`MIN_EXPORT_TORCH`, or onnxscript (the exporter's
+    backend, the ``export`` extra) missing. Eager and TorchScript miners need neither, and
+    :class:`exportminers.OnnxMiner` runs graphs exported elsewhere without torch."""
+    import importlib.util
+    import re
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if m is not None and (int(m.group(1)), int(m.group(2))) < MIN_EXPORT_TORCH:
+        need = ".".join(map(str, MIN_EXPORT_TORCH))
+        raise RuntimeError(
+            f"ONNX export needs torch>={need} (torch.onnx.export(dynamo=True) with named "
+            f"dynamic axes); this is torch {torch.__version__}. Eager and TorchScript "
+            f"miners work with torch>=2.4, and OnnxMiner runs graphs exported elsewhere.")
+    if importlib.util.find_spec("onnxscript") is None:
+        raise ImportError("ONNX export needs onnxscript (the torch exporter's backend): "
+                          "pip install 'exportminers[export]' (or pip install onnxscript)")
 
 
 # ---------------------------------------------------------------------------- wrappers
@@ -80,6 +106,12 @@ class _KernelGraph(nn.Module):
     def _finish(self, out: List[Tensor]) -> Tuple[Tensor, ...]:
         if self.compact:
             out = compact_decode(out, self.miner.layout)
+        # A kernel may return one tensor twice (BatchEasyHard's shared validity mask).
+        # Some exporters (torch 2.6, 2.8) then name the second output after the first
+        # ("mask2_alias_2"); a copy keeps every output its own name.
+        for k in range(1, len(out)):
+            if any(out[k] is out[j] for j in range(k)):
+                out[k] = out[k].clone()
         return tuple(out)
 
 
@@ -490,11 +522,14 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     Raises:
         ValueError: unsupported arguments, or a miner that cannot mine against a
             reference set with ``with_ref=True``.
-        RuntimeError: the exporter failed, or the graph holds a forbidden operator
-            (:data:`FORBIDDEN_OPS`) without ``compact``.
+        RuntimeError: the exporter failed, the graph holds a forbidden operator
+            (:data:`FORBIDDEN_OPS`) without ``compact``, or torch is older than
+            :data:`MIN_EXPORT_TORCH` (:func:`require_onnx_exporter`).
+        ImportError: onnxscript is not installed (the ``export`` extra).
     """
     import onnx
 
+    require_onnx_exporter()
     name = _miner_name(miner)
     for attr in ("kernel", "layout"):
         if not hasattr(miner, attr):
@@ -587,9 +622,11 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
             if isinstance(custom, (list, tuple)) and len(custom) == len(output_names):
                 output_names = [str(c) for c in custom]
 
-        N = torch.export.Dim("N", min=1)
-        M = torch.export.Dim("M", min=1)
-        D = torch.export.Dim("D", min=1) if embedding_dim is None else None
+        # An upper bound far beyond any batch: without one, torch 2.7's export emits a
+        # guard "N != 2**63 - 1" and then refuses the dynamic axis as over-constrained.
+        N = torch.export.Dim("N", min=1, max=_DIM_MAX)
+        M = torch.export.Dim("M", min=1, max=_DIM_MAX)
+        D = torch.export.Dim("D", min=1, max=_DIM_MAX) if embedding_dim is None else None
 
         def emb_dims(row):
             return {0: row, 1: D} if D is not None else {0: row}
@@ -616,7 +653,10 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         kwargs: Dict[str, Any] = {}
         kwargs["opset_version"] = DEFAULT_OPSET if opset is None else opset
         try:
-            with _quiet_exporter(), torch.no_grad():
+            # graph_arithmetic(): the kernels take their export variants while traced.
+            # torch >= 2.7 also says so through torch.compiler.is_exporting(); older
+            # releases have no such flag, so export_onnx sets ours explicitly.
+            with _quiet_exporter(), torch.no_grad(), _ops.graph_arithmetic():
                 program = torch.onnx.export(
                     graph, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                     input_names=input_names, output_names=output_names, optimize=True,

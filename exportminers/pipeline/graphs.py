@@ -221,6 +221,8 @@ def export_graph(spec: GraphSpec, path) -> Path:
     import onnx
     import torch
 
+    from ..export import require_onnx_exporter
+    require_onnx_exporter()
     dt = torch.float16 if spec.dtype == "float16" else torch.float32
     bq, bm, d = 8, 16, 4
     args = (
