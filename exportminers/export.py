@@ -866,5 +866,20 @@ def load_torchscript(path: Union[str, os.PathLike], map_location=None) -> TorchS
     Example:
         >>> m = load_torchscript("miner.pt")
         >>> m(torch.randn(4, 3), torch.zeros(5))   # ValueError: labels has 5 entries ...
+
+    Raises:
+        ValueError: ``path`` is not a file, or not a TorchScript archive (a zip file, as
+            ``torch.jit.save`` / :func:`export_torchscript` write).
     """
-    return TorchScriptMiner(torch.jit.load(os.fspath(path), map_location=map_location))
+    import zipfile
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file path (str or os.PathLike), got {path!r}")
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        what = "is a folder" if os.path.isdir(p) else "does not exist"
+        raise ValueError(f"path {p!r} {what}; give a TorchScript file (export_torchscript)")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"path {p!r} is not a TorchScript archive (torch.jit.save and "
+                         f"export_torchscript write zip archives); is it damaged, or an "
+                         f"ONNX file (exportminers.OnnxMiner)?")
+    return TorchScriptMiner(torch.jit.load(p, map_location=map_location))

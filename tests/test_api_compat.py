@@ -107,6 +107,19 @@ def test_load_torchscript_argument_errors_are_value_errors(tmp_path):
     h.reset_idx()
 
 
+def test_load_torchscript_bad_paths_are_value_errors_naming_path(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a zip archive")
+    exportminers.export_onnx(miners.BatchHardMiner(), tmp_path / "g.onnx")
+    for bad, why in ((tmp_path / "junk.pt", "not a TorchScript archive"),
+                     (tmp_path / "g.onnx", "ONNX file"),
+                     (tmp_path / "missing.pt", "does not exist"),
+                     (tmp_path, "is a folder")):
+        with pytest.raises(ValueError, match=f"path .*{why}"):
+            exportminers.load_torchscript(bad)
+    with pytest.raises(ValueError, match="path must be a file path"):
+        exportminers.load_torchscript(3)
+
+
 def test_verify_accepts_mirrored_ties_only():
     eager = [np.array([2, 5]), np.array([8, 6]), np.array([1]), np.array([3])]
     graph = [np.array([8, 5]), np.array([2, 6]), np.array([1]), np.array([3])]
