@@ -287,6 +287,20 @@ def test_overwrite_removes_the_previous_runs_outputs(tmp_path):
     assert left == ["excluded.json", "mined.parquet", "summary.json", "triplets.parquet"]
 
 
+def test_missing_matplotlib_skips_the_plot_with_a_warning(tmp_path, monkeypatch):
+    import sys
+    rng = np.random.default_rng()
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 20)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib fails
+    with pytest.warns(UserWarning, match="scores.png not written: matplotlib"):
+        res = mine(x, y, out_dir=tmp_path / "o", k=2, **{**KW, "plot": True})
+    assert not (tmp_path / "o" / "scores.png").exists() and "plot" not in res.files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # plot=False: no warning
+        mine(x, y, out_dir=tmp_path / "p", k=2, **{**KW, "plot": False})
+
+
 def test_num_positives_zero_with_anchor_formats_and_bad_numbers_are_refused(tmp_path, capsys):
     rng = np.random.default_rng()
     x = rng.standard_normal((10, 3)).astype(np.float32)

@@ -682,6 +682,10 @@ def finish_outputs(cfg: MineConfig, inp: Inputs, out_dir: Path, mined: Path,
         pp = out_mod.plot_scores(cfg, sc, out_dir / "scores.png")
         if pp is not None:
             files["plot"] = pp
+        else:
+            warnings.warn("scores.png not written: matplotlib is not installed (pip install "
+                          "matplotlib, or the 'pipeline' extra); --no-plot / plot=False "
+                          "skips the plot without this warning", stacklevel=2)
     files["summary"] = out_dir / "summary.json"
     extra = {
         "inputs": {"queries": qsrc.describe(), "bank": "queries (self-mining)" if inp.self_mode
