@@ -129,10 +129,14 @@ def test_help(capsys):
 def test_entry_points_help():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for cmd in ([sys.executable, os.path.join(REPO, "export_scripts", "export_all.py"), "--help"],
-                [sys.executable, "-m", "exportminers.cli", "--help"]):
+                [sys.executable, "-m", "exportminers.cli", "--help"],
+                [sys.executable, "-m", "exportminers", "--help"]):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "export" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "exportminers", "--version"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == f"exportminers {exportminers.__version__}"
 
 
 def test_demo(capsys):
