@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import __version__, _ops, registry
+from . import __version__, registry
 from .runtime import metadata as md
 from .utils.checks import check_positive_int
 
@@ -64,7 +64,8 @@ DEFAULT_OPSET = 18
 # The oldest torch whose exporter this package's test suite passes with (2.7, 2.8, 2.11
 # and 2.13 were run). torch 2.4 / 2.5 lack torch.onnx.export(dynamic_shapes=...); 2.6
 # names the dynamic axes s0, s1, ... instead of N, M, D, which OnnxMiner's block sizing
-# reads.
+# reads, and has no torch.compiler.is_exporting(), by which the kernels choose their
+# export variants (exportminers._ops.is_exporting).
 MIN_EXPORT_TORCH = (2, 7)
 
 
@@ -653,10 +654,7 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         kwargs: Dict[str, Any] = {}
         kwargs["opset_version"] = DEFAULT_OPSET if opset is None else opset
         try:
-            # graph_arithmetic(): the kernels take their export variants while traced.
-            # torch >= 2.7 also says so through torch.compiler.is_exporting(); older
-            # releases have no such flag, so export_onnx sets ours explicitly.
-            with _quiet_exporter(), torch.no_grad(), _ops.graph_arithmetic():
+            with _quiet_exporter(), torch.no_grad():
                 program = torch.onnx.export(
                     graph, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                     input_names=input_names, output_names=output_names, optimize=True,
