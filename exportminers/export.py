@@ -76,7 +76,7 @@ def require_onnx_exporter() -> None:
     :class:`exportminers.OnnxMiner` runs graphs exported elsewhere without torch."""
     import importlib.util
     import re
-    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    m = re.search(r"(\d+)\.(\d+)", torch.__version__)
     if m is not None and (int(m.group(1)), int(m.group(2))) < MIN_EXPORT_TORCH:
         need = ".".join(map(str, MIN_EXPORT_TORCH))
         raise RuntimeError(
@@ -866,18 +866,40 @@ def load_torchscript(path: Union[str, os.PathLike], map_location=None) -> TorchS
         >>> m(torch.randn(4, 3), torch.zeros(5))   # ValueError: labels has 5 entries ...
 
     Raises:
-        ValueError: ``path`` is not a file, or not a TorchScript archive (a zip file, as
-            ``torch.jit.save`` / :func:`export_torchscript` write).
+        ValueError: ``path`` is not a readable file, or not a TorchScript archive (as
+            ``torch.jit.save`` / :func:`export_torchscript` write; a ``torch.save``
+            checkpoint or an ONNX file is not one). A file-like object goes to
+            ``torch.jit.load`` as it is.
     """
     import zipfile
+    if hasattr(path, "read"):   # a file-like object: torch.jit.load reads it
+        return TorchScriptMiner(torch.jit.load(path, map_location=map_location))
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a file path (str or os.PathLike), got {path!r}")
+        raise ValueError(f"path must be a file path (str or os.PathLike) or a file object, "
+                         f"got {path!r}")
     p = os.fspath(path)
     if not os.path.isfile(p):
         what = "is a folder" if os.path.isdir(p) else "does not exist"
         raise ValueError(f"path {p!r} {what}; give a TorchScript file (export_torchscript)")
-    if not zipfile.is_zipfile(p):
-        raise ValueError(f"path {p!r} is not a TorchScript archive (torch.jit.save and "
-                         f"export_torchscript write zip archives); is it damaged, or an "
-                         f"ONNX file (exportminers.OnnxMiner)?")
-    return TorchScriptMiner(torch.jit.load(p, map_location=map_location))
+    not_ts = (f"path {p!r} is not a TorchScript archive (torch.jit.save and "
+              f"export_torchscript write one; a torch.save checkpoint or an ONNX file "
+              f"(exportminers.OnnxMiner) is not)")
+    try:
+        with open(p, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                raise ValueError(not_ts + "; is it damaged?")
+            with zipfile.ZipFile(f) as z:   # TorchScript archives hold constants.pkl
+                scripted = any(n.endswith("constants.pkl") for n in z.namelist())
+    except OSError as e:
+        raise ValueError(f"path {p!r}: cannot read it ({e})") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{not_ts}; is it damaged? ({e})") from None
+    if not scripted:
+        raise ValueError(not_ts)
+    try:
+        module = torch.jit.load(p, map_location=map_location)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"path {p!r}: torch.jit.load failed (a damaged archive, or "
+                         f"map_location={map_location!r} unusable here): {first}") from e
+    return TorchScriptMiner(module)

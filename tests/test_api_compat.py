@@ -108,16 +108,34 @@ def test_load_torchscript_argument_errors_are_value_errors(tmp_path):
 
 
 def test_load_torchscript_bad_paths_are_value_errors_naming_path(tmp_path):
+    import io
     (tmp_path / "junk.pt").write_bytes(b"not a zip archive")
     exportminers.export_onnx(miners.BatchHardMiner(), tmp_path / "g.onnx")
+    torch.save(miners.BatchHardMiner().state_dict(), tmp_path / "state.pt")
+    np.savez(tmp_path / "arr.npz", x=np.zeros(3))
+    good = tmp_path / "ok.pt"
+    exportminers.export_torchscript(miners.BatchHardMiner(), good)
+    raw = bytearray(open(good, "rb").read())
+    raw[len(raw) // 3: len(raw) // 3 + 64] = b"\0" * 64      # damaged inside the archive
+    (tmp_path / "damaged.pt").write_bytes(bytes(raw))
+    (tmp_path / "half.pt").write_bytes(bytes(raw[: len(raw) // 2]))
     for bad, why in ((tmp_path / "junk.pt", "not a TorchScript archive"),
                      (tmp_path / "g.onnx", "ONNX file"),
+                     (tmp_path / "state.pt", "torch.save checkpoint"),
+                     (tmp_path / "arr.npz", "not a TorchScript archive"),
+                     (tmp_path / "damaged.pt", "damaged"),
+                     (tmp_path / "half.pt", "damaged"),
                      (tmp_path / "missing.pt", "does not exist"),
                      (tmp_path, "is a folder")):
         with pytest.raises(ValueError, match=f"path .*{why}"):
             exportminers.load_torchscript(bad)
     with pytest.raises(ValueError, match="path must be a file path"):
         exportminers.load_torchscript(3)
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))       # a file object loads as is
+    with open(good, "rb") as f:
+        from_file = exportminers.load_torchscript(io.BytesIO(f.read()))
+    assert [t.tolist() for t in from_file(x, y)] == \
+        [t.tolist() for t in miners.BatchHardMiner()(x, y)]
 
 
 def test_verify_accepts_mirrored_ties_only():
