@@ -121,6 +121,11 @@ def onnx_api_problem() -> Optional[str]:
         import onnxruntime  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"exportminers.export_onnx / OnnxMiner not importable: {common.short(e, 200)}"
+    from exportminers.export import require_onnx_exporter
+    try:
+        require_onnx_exporter()   # torch too old for the exporter, or no onnxscript
+    except (RuntimeError, ImportError) as e:
+        return common.short(e, 200)
     return None
 
 

@@ -189,9 +189,9 @@ def test_metadata(graphs, name):
     assert export.read_metadata(path)[md.MINER] == name
 
 
-@pytest.mark.parametrize("name", [n for n in ("PairMarginMiner", "BatchHardMiner")
-                                  if n in AVAILABLE])
-def test_compact(graphs, name):
+@pytest.mark.parametrize("name", [n for n in ("PairMarginMiner", "BatchHardMiner",
+                                            "BatchEasyHardMiner") if n in AVAILABLE])
+def test_compact(graphs, name):   # BatchEasyHard: a1 and a2 are one tensor in the kernel
     miner, path = graphs(name, 0, compact=True)
     assert "NonZero" in export.op_types(path)
     model = onnx.load(path)

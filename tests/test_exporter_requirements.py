@@ -1,6 +1,7 @@
 """ONNX export names what it needs before tracing anything: a torch at least
 MIN_EXPORT_TORCH (older exporters fail deep inside torch, or name the dynamic axes
 s0, s1, ...) and onnxscript. Eager miners and OnnxMiner need neither."""
+import os
 import re
 import sys
 
@@ -13,6 +14,9 @@ from exportminers import export as export_mod
 from exportminers import miners
 from exportminers.cli import main as cli_main
 from exportminers.pipeline import graphs as pipeline_graphs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import run as bench_run  # noqa: E402  (the repository's benchmarks/)
 
 
 @pytest.mark.parametrize("version", ["2.4.1+cu121", "2.5.1", "2.6.0+cpu"])
@@ -29,6 +33,7 @@ def test_old_torch_is_refused_with_the_version(version, tmp_path, monkeypatch):
     spec = pipeline_graphs.all_specs()[0]
     with pytest.raises(RuntimeError, match=r"needs torch>=2\.7"):
         pipeline_graphs.export_graph(spec, tmp_path / "block.onnx")
+    assert "needs torch>=2.7" in bench_run.onnx_api_problem()   # ONNX rows: 'unavailable'
     # what does not export still works
     x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     assert len(miners.BatchHardMiner()(x, y)) == 3
@@ -46,6 +51,7 @@ def test_missing_onnxscript_names_the_extra(tmp_path, monkeypatch):
         exportminers.export_onnx(miners.BatchHardMiner(), tmp_path / "g.onnx")
     with pytest.raises(SystemExit, match="onnxscript"):
         cli_main(["export", "--out", str(tmp_path / "graphs")])
+    assert "onnxscript" in bench_run.onnx_api_problem()
 
 
 def test_graphs_exported_here_run_without_the_exporter(tmp_path, monkeypatch):
