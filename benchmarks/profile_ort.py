@@ -83,6 +83,7 @@ def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
     """Split of an OnnxMiner call and ONNX Runtime's per-node kernel times: medians over
     the calls after the first (warm-up) one, with the benchmark's session options."""
     import onnxruntime as ort
+    from exportminers.runtime.compat import session_kwargs
     import exportminers
     from exportminers.runtime import checks_np, decode_np
 
@@ -115,7 +116,8 @@ def ort_profile(path: str, batches, threads: int, runs: int) -> Dict[str, Any]:
 
     # 2. ONNX Runtime's profiler: the first run (warm-up) is left out, medians per run
     so = session_options(threads, os.path.join(tempfile.mkdtemp(prefix="ortprof_"), "ort"))
-    sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"],
+                                **session_kwargs(ort))
     for x, y in batches:
         sess.run(None, _feeds(om, x, y))
     prof_path = sess.end_profiling()

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import arena, checks_np, decode_np
+from . import arena, checks_np, compat, decode_np
 from . import metadata as md
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -163,7 +163,7 @@ class OnnxMiner:
         try:
             self.session = ort.InferenceSession(
                 self.path, sess_options=session_options, providers=list(providers),
-                provider_options=provider_options)
+                provider_options=provider_options, **compat.session_kwargs(ort))
         except Exception as e:
             text = str(e)
             if "fallback" in text.lower() and "disable" in text.lower():

@@ -15,6 +15,8 @@ import re
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import compat
+
 _PLACED = re.compile(r"(All nodes|Node\(s\)) placed on \[(\w+)\]\.\s*Number of nodes:\s*(\d+)")
 _NODE = re.compile(r"\]\s{2,}(\w+) \(")
 
@@ -71,7 +73,8 @@ def node_placement(path: str, providers: Sequence[Any],
     try:
         with _stderr_to(log_path):
             ort.InferenceSession(os.fspath(path), so, providers=list(providers),
-                                 provider_options=provider_options)
+                                 provider_options=provider_options,
+                                 **compat.session_kwargs(ort))
         with open(log_path, encoding="utf-8", errors="replace") as f:
             log = f.read()
     finally:
@@ -98,7 +101,7 @@ def strict_session(path: str, provider: str = "CUDAExecutionProvider"
     import onnxruntime as ort
     try:
         sess = ort.InferenceSession(os.fspath(path), strict_session_options(),
-                                    providers=[provider])
+                                    providers=[provider], **compat.session_kwargs(ort))
     except Exception as e:  # ONNX Runtime raises its own Fail/RuntimeException types
         return None, f"{type(e).__name__}: {e}".strip()
     return sess, None

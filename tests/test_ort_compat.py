@@ -1,0 +1,45 @@
+"""Older ONNX Runtime releases (1.18 to 1.25) fuse a float64 Transpose -> MatMul into a
+FusedMatMul that has no double kernel, so AngularMiner's graphs failed to load there;
+sessions exportminers builds turn that fusion off on those releases only."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import exportminers
+from exportminers import miners
+from exportminers.runtime import compat
+from exportminers.verify import compare, eager_tuples, random_batch, sensitive_tuples
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("version, off", [
+    ("1.18.1", True), ("1.25.1", True), ("1.26.0", False), ("1.32.0", False),
+    ("2.0.0", False), ("1.24.0.dev20250101", True), ("unknown", False)])
+def test_fusion_is_turned_off_only_before_the_fix(version, off):
+    got = compat.session_kwargs(SimpleNamespace(__version__=version))
+    assert got == ({"disabled_optimizers": ["MatmulTransposeFusion"]} if off else {})
+
+
+def test_onnx_miner_passes_the_work_around_to_onnx_runtime(tmp_path, monkeypatch):
+    path = exportminers.export_onnx(miners.AngularMiner(), tmp_path / "angular.onnx")
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("disabled_optimizers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "__version__", "1.25.1")
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    assert seen == [["MatmulTransposeFusion"]]     # a name this ONNX Runtime accepts too
+    batch = random_batch(24, 6, seed=int(np.random.default_rng().integers(1 << 30)))
+    miner = miners.AngularMiner()
+    got, want = om(batch["embeddings"], batch["labels"]), eager_tuples(miner, batch)
+    ok, info = compare(got, want, "triplets")
+    if not ok:   # tuples within 1e-4 of the angle threshold may go either way
+        ok, info = compare(got, want, "triplets",
+                           sensitive_tuples(miner, batch, "triplets", 1e-4))
+    assert ok, info
