@@ -191,7 +191,9 @@ def collect_scores(mined: Path):
 
     t = pq.read_table(mined, columns=["query_id", "status", "num_candidates", "neg_ids",
                                       "neg_scores", "pos_scores"])
-    status = np.asarray(t.column("status").to_numpy(zero_copy_only=False)).astype(str)
+    # an Array, not the ChunkedArray: pyarrow 12's ChunkedArray.to_numpy takes no arguments
+    status = np.asarray(t.column("status").combine_chunks().to_numpy(zero_copy_only=False)
+                        ).astype(str)
     neg = t.column("neg_scores").combine_chunks()
     pos = t.column("pos_scores").combine_chunks()
     plen = np.asarray(pos.value_lengths().to_numpy(zero_copy_only=False))
