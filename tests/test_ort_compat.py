@@ -43,3 +43,13 @@ def test_onnx_miner_passes_the_work_around_to_onnx_runtime(tmp_path, monkeypatch
         ok, info = compare(got, want, "triplets",
                            sensitive_tuples(miner, batch, "triplets", 1e-4))
     assert ok, info
+
+
+def test_graph_newer_than_onnx_runtime_names_the_requirement(tmp_path):
+    import onnx
+    path = exportminers.export_onnx(miners.BatchHardMiner(), tmp_path / "bh.onnx")
+    model = onnx.load(path)
+    model.ir_version = 99          # as an IR-10 graph looks to onnxruntime 1.17
+    onnx.save(model, tmp_path / "future.onnx")
+    with pytest.raises(ValueError, match=r"future\.onnx.*IR version.*need onnxruntime>=1\.18"):
+        exportminers.OnnxMiner(tmp_path / "future.onnx", providers=["CPUExecutionProvider"])

@@ -12,6 +12,7 @@ Example:
     >>> raw = om(embeddings, labels, return_raw=True)     # the fixed-shape outputs
 """
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -175,8 +176,15 @@ class OnnxMiner:
                     f"{text.strip()[:300]})") from e
             if type(e).__name__ in ("InvalidProtobuf", "InvalidGraph", "Fail", "InvalidArgument",
                                     "NoSuchFile"):
+                detail, hint = text.strip()[:300], ""
+                ir = re.search(r"Unsupported model IR version: \d+, max supported IR "
+                               r"version: \d+", text)
+                if ir:   # exported graphs are ONNX IR 10
+                    detail = ir.group(0)
+                    hint = (f"; exportminers' graphs need onnxruntime>=1.18, this is "
+                            f"{ort.__version__}")
                 raise ValueError(f"path {self.path!r}: ONNX Runtime cannot load it as an ONNX "
-                                 f"model ({type(e).__name__}: {str(e).strip()[:300]})") from e
+                                 f"model ({type(e).__name__}: {detail}){hint}") from e
             raise
         meta = md.decode(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.metadata: Dict[str, Any] = meta
