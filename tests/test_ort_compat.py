@@ -33,7 +33,9 @@ def test_onnx_miner_passes_the_work_around_to_onnx_runtime(tmp_path, monkeypatch
 
     monkeypatch.setattr(ort, "__version__", "1.25.1")
     monkeypatch.setattr(ort, "InferenceSession", spy)
-    om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(compat, "_WARNED", [False])
+    with pytest.warns(UserWarning, match="older than 1.26"):
+        om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
     assert seen == [["MatmulTransposeFusion"]]     # a name this ONNX Runtime accepts too
     batch = random_batch(24, 6, seed=int(np.random.default_rng().integers(1 << 30)))
     miner = miners.AngularMiner()
@@ -53,3 +55,27 @@ def test_graph_newer_than_onnx_runtime_names_the_requirement(tmp_path):
     onnx.save(model, tmp_path / "future.onnx")
     with pytest.raises(ValueError, match=r"future\.onnx.*IR version.*need onnxruntime>=1\.18"):
         exportminers.OnnxMiner(tmp_path / "future.onnx", providers=["CPUExecutionProvider"])
+
+
+def test_older_onnx_runtime_warns_once_and_refuses_dlpack_clearly(tmp_path, monkeypatch):
+    import warnings
+    path = exportminers.export_onnx(miners.BatchHardMiner(), tmp_path / "bh.onnx")
+    monkeypatch.setattr(compat, "_WARNED", [False])
+    monkeypatch.setattr(ort, "__version__", "1.24.4")
+    with pytest.warns(UserWarning, match="onnxruntime 1.24.4 is older than 1.26"):
+        om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # once per process
+        exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng().standard_normal((10, 4)).astype(np.float32)
+    y = np.arange(10) % 3
+    assert len(om(x, y)) == 3                 # numpy inputs work
+    monkeypatch.delattr(ort.OrtValue, "from_dlpack")   # as before 1.26
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"embeddings: .*lacks \(added in 1\.26\); pass numpy"):
+        om(torch.from_numpy(x), torch.from_numpy(y))
+    monkeypatch.setattr(ort, "__version__", "1.26.0")
+    monkeypatch.setattr(compat, "_WARNED", [False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # tested releases: no warning
+        exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"])

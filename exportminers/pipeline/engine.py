@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from ..runtime import compat
 from .config import F32, MineConfig, band_to_dtype
 from .graphs import GraphSpec, graph_path
 from .sources import SENTINEL, RowBlock
@@ -65,6 +66,7 @@ class BlockRunner:
 
         self.spec, self.device = spec, device
         self.path = graph_path(spec)
+        compat.warn_if_untested(ort)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:

@@ -1,4 +1,10 @@
-"""Work-arounds for known bugs of older ONNX Runtime releases (numpy-only, no torch).
+"""Older ONNX Runtime releases: known gaps and work-arounds (numpy-only, no torch).
+
+exportminers is tested with onnxruntime 1.26.0 and newer (the ``cpu``/``gpu`` extras ask
+for it). Found with older releases: 1.17 and older cannot load the graphs (ONNX IR 10);
+before 1.21 the pipeline's L2 block graphs give wrong scores (inf/NaN, other tie order);
+before 1.26 there is no ``OrtValue.from_dlpack``, so ``OnnxMiner`` takes numpy arrays
+only (torch tensors and DLPack arrays raise a ``ValueError`` saying so), and:
 
 Before 1.26, ONNX Runtime's CPU graph optimiser fuses a float64 ``Transpose -> MatMul``
 into ``com.microsoft.FusedMatMul``, which has a float kernel only, so a graph with one
@@ -12,7 +18,11 @@ its result to ``onnxruntime.InferenceSession`` where you build sessions yourself
 import re
 from typing import Any, Dict, Optional, Tuple
 
+import warnings
+
 FUSED_MATMUL_DOUBLE_FIXED = (1, 26)
+TESTED_FROM = (1, 26)
+_WARNED = [False]
 
 
 def ort_version(ort: Any) -> Optional[Tuple[int, int]]:
@@ -27,3 +37,19 @@ def session_kwargs(ort: Any) -> Dict[str, Any]:
     if v is not None and v < FUSED_MATMUL_DOUBLE_FIXED:
         return {"disabled_optimizers": ["MatmulTransposeFusion"]}
     return {}
+
+
+def has_dlpack(ort: Any) -> bool:
+    """Whether this onnxruntime can wrap DLPack tensors (``OrtValue.from_dlpack``)."""
+    return hasattr(getattr(ort, "OrtValue", None), "from_dlpack")
+
+
+def warn_if_untested(ort: Any) -> None:
+    """Warn once per process where onnxruntime is older than :data:`TESTED_FROM`."""
+    v = ort_version(ort)
+    if v is None or v >= TESTED_FROM or _WARNED[0]:
+        return
+    _WARNED[0] = True
+    warnings.warn(
+        f"onnxruntime {ort.__version__} is older than 1.26, the oldest release exportminers "
+        f"is tested with; known gaps: exportminers.runtime.compat", stacklevel=3)

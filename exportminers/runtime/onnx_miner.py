@@ -159,6 +159,7 @@ class OnnxMiner:
                 else default_providers()
         elif isinstance(providers, str):   # one provider name, not its characters
             providers = [providers]
+        compat.warn_if_untested(ort)
         if session_options is None and arena.cpu_only(list(providers)):
             session_options = arena.default_cpu_options(ort)   # see exportminers.runtime.arena
         try:
@@ -558,6 +559,12 @@ class OnnxMiner:
 
     def _call_bound(self, embeddings, labels, ref_emb, ref_labels, seed, noise,
                     return_raw: bool, device_output: bool):
+        import onnxruntime as ort
+        if not compat.has_dlpack(ort):
+            raise ValueError(
+                f"embeddings: torch tensors and DLPack arrays go through ONNX Runtime's "
+                f"IOBinding with OrtValue.from_dlpack, which onnxruntime {ort.__version__} "
+                f"lacks (added in 1.26); pass numpy arrays, or upgrade onnxruntime")
         checks_np.check_ref_given(ref_emb, ref_labels)
         emb, emb_shape, emb_dt = self._prepare_bound(embeddings, "embeddings", True, None, "")
         n = int(emb_shape[0])
