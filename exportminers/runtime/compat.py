@@ -4,7 +4,9 @@ exportminers is tested with onnxruntime 1.26.0 and newer (the ``cpu``/``gpu`` ex
 for it). Found with older releases: 1.17 and older cannot load the graphs (ONNX IR 10);
 before 1.21 the pipeline's L2 block graphs give wrong scores (inf/NaN, other tie order);
 before 1.26 there is no ``OrtValue.from_dlpack``, so ``OnnxMiner`` takes numpy arrays
-only (torch tensors and DLPack arrays raise a ``ValueError`` saying so), and:
+only (torch tensors and DLPack arrays raise a ``ValueError`` saying so); 1.26.0 hands
+bool outputs to DLPack as uint8 (``device_output=True`` turns them back into bool; with
+``return_raw=True`` call ``.bool()`` yourself), 1.32.0 as bool; and:
 
 Before 1.26, ONNX Runtime's CPU graph optimiser fuses a float64 ``Transpose -> MatMul``
 into ``com.microsoft.FusedMatMul``, which has a float kernel only, so a graph with one

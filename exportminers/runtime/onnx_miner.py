@@ -625,7 +625,9 @@ class OnnxMiner:
             if device_output:
                 import torch
                 from ..decode import decode as decode_torch
-                tens = [torch.from_dlpack(o) for o in outs]
+                # bool outputs come through DLPack as uint8 from older onnxruntime (1.26)
+                tens = [t.bool() if t.dtype == torch.uint8 else t
+                        for t in (torch.from_dlpack(o) for o in outs)]
                 if self.compact:
                     fields = [t.to(torch.int64) for t in tens]
                 else:
