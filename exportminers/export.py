@@ -75,9 +75,10 @@ def require_onnx_exporter() -> None:
     backend, the ``export`` extra) missing. Eager and TorchScript miners need neither, and
     :class:`exportminers.OnnxMiner` runs graphs exported elsewhere without torch."""
     import importlib.util
-    import re
-    m = re.search(r"(\d+)\.(\d+)", torch.__version__)
-    if m is not None and (int(m.group(1)), int(m.group(2))) < MIN_EXPORT_TORCH:
+
+    from .runtime.compat import release
+    v = release(torch)
+    if v is not None and v < MIN_EXPORT_TORCH:
         need = ".".join(map(str, MIN_EXPORT_TORCH))
         raise RuntimeError(
             f"ONNX export needs torch>={need} (torch.onnx.export(dynamo=True) with named "

@@ -18,24 +18,24 @@ its result to ``onnxruntime.InferenceSession`` where you build sessions yourself
     sess = onnxruntime.InferenceSession(path, providers=[...], **session_kwargs(onnxruntime))
 """
 import re
-from typing import Any, Dict, Optional, Tuple
-
 import warnings
+from typing import Any, Dict, Optional, Tuple
 
 FUSED_MATMUL_DOUBLE_FIXED = (1, 26)
 TESTED_FROM = (1, 26)
 _WARNED = [False]
 
 
-def ort_version(ort: Any) -> Optional[Tuple[int, int]]:
-    """``(major, minor)`` of an onnxruntime module, None where its version is unreadable."""
-    m = re.search(r"(\d+)\.(\d+)", str(getattr(ort, "__version__", "")))
+def release(module: Any) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a module's ``__version__`` (onnxruntime, torch), None where it
+    is unreadable."""
+    m = re.search(r"(\d+)\.(\d+)", str(getattr(module, "__version__", "")))
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def session_kwargs(ort: Any) -> Dict[str, Any]:
     """Extra ``InferenceSession`` keyword arguments this onnxruntime release needs."""
-    v = ort_version(ort)
+    v = release(ort)
     if v is not None and v < FUSED_MATMUL_DOUBLE_FIXED:
         return {"disabled_optimizers": ["MatmulTransposeFusion"]}
     return {}
@@ -48,10 +48,11 @@ def has_dlpack(ort: Any) -> bool:
 
 def warn_if_untested(ort: Any) -> None:
     """Warn once per process where onnxruntime is older than :data:`TESTED_FROM`."""
-    v = ort_version(ort)
+    v = release(ort)
     if v is None or v >= TESTED_FROM or _WARNED[0]:
         return
     _WARNED[0] = True
     warnings.warn(
-        f"onnxruntime {ort.__version__} is older than 1.26, the oldest release exportminers "
-        f"is tested with; known gaps: exportminers.runtime.compat", stacklevel=3)
+        f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, TESTED_FROM))}, the "
+        f"oldest release exportminers is tested with; known gaps: exportminers.runtime.compat",
+        stacklevel=3)
