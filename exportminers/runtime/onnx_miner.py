@@ -182,8 +182,8 @@ class OnnxMiner:
                                r"version: \d+", text)
                 if ir:   # exported graphs are ONNX IR 10
                     detail = ir.group(0)
-                    hint = (f"; exportminers' graphs need onnxruntime>=1.18, this is "
-                            f"{ort.__version__}")
+                    hint = (f"; exportminers' graphs are IR 10, so they need onnxruntime>=1.18 "
+                            f"(tested from 1.26), this is {ort.__version__}")
                 raise ValueError(f"path {self.path!r}: ONNX Runtime cannot load it as an ONNX "
                                  f"model ({type(e).__name__}: {detail}){hint}") from e
             raise
