@@ -464,6 +464,138 @@ def test_cuda_size_guard_chunks_or_refuses(monkeypatch):
         om(big["embeddings"], big["labels"])
 
 
+def _count_runs(om):
+    """Wrap ``om.session.run`` to count calls; returns the list of anchor counts per run."""
+    runs = []
+    real = om.session.run
+
+    def counting(names, feeds, *rest):
+        runs.append(len(feeds.get("anchor_index", feeds["embeddings"])))
+        return real(names, feeds, *rest)
+
+    om.session.run = counting
+    return runs
+
+
+def test_cpu_default_blocks_for_chunkable_graphs(monkeypatch):
+    """Off the CUDA EP a chunkable graph called without chunk_size / max_block_elements is
+    mined in blocks within CPU_BLOCK_ELEMENTS (shrunk here): the same tuples as eager and
+    as one run, in the same order. Explicit chunking wins; return_raw stays one run; a
+    dense self-mining graph is never cut."""
+    from exportminers.runtime import onnx_miner
+    b = random_batch(12, D, seed=15)
+    args = (b["embeddings"], b["labels"])
+    miner, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    one = OnnxMiner(path, chunk_size=12)(*args)
+    assert as_multisets(one, "triplets") == as_multisets(eager_tuples(miner, b), "triplets")
+    monkeypatch.setattr(onnx_miner, "CPU_BLOCK_ELEMENTS", 600)   # 12 x 12 x 12 = 1728
+    om = OnnxMiner(path)
+    runs = _count_runs(om)
+    assert _same(om(*args), one) and runs == [4, 4, 4]
+    runs.clear()
+    assert len(om(*args, return_raw=True)) == len(om.output_names) and runs == [12]
+    om = OnnxMiner(path, chunk_size=6)
+    runs = _count_runs(om)
+    assert _same(om(*args), one) and runs == [6, 6]
+    om = OnnxMiner(path, max_block_elements=10 ** 6)
+    runs = _count_runs(om)
+    assert _same(om(*args), one) and runs == [12]
+    _, dense = onnx_graph_cache.graph("TripletMarginMiner")
+    om = OnnxMiner(dense)
+    runs = _count_runs(om)
+    assert as_multisets(om(*args), "triplets") == as_multisets(one, "triplets") and runs == [12]
+
+
+def test_cpu_memory_guard(monkeypatch):
+    """Off the CUDA EP a call whose largest tensor has more elements than the machine has
+    bytes fails before running, with a way out; chunkable graphs are cut below it."""
+    from exportminers.runtime import onnx_miner
+    assert onnx_miner.physical_memory_bytes() > 2 ** 28    # a real figure on this OS
+    monkeypatch.setattr(onnx_miner, "physical_memory_bytes", lambda: 1000)
+    b = random_batch(12, D, seed=16)
+    args = (b["embeddings"], b["labels"])
+    miner, dense = onnx_graph_cache.graph("TripletMarginMiner")
+    with pytest.raises(ValueError, match=r"self-mining 12 rows .* 1,728 elements, more than "
+                                         r"the 1,000 bytes of memory .*anchor_blocks=True"):
+        OnnxMiner(dense)(*args)
+    _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    om = OnnxMiner(path)
+    runs = _count_runs(om)
+    got = om(*args)                       # 6 rows x 144 = 864 elements fit
+    assert runs == [6, 6]
+    assert as_multisets(got, "triplets") == as_multisets(eager_tuples(miner, b), "triplets")
+    with pytest.raises(ValueError, match="return_raw"):
+        om(*args, return_raw=True)
+    bh_miner, bh = onnx_graph_cache.graph("BatchHardMiner")    # largest tensors [N, N]: fit
+    assert as_multisets(OnnxMiner(bh)(*args), "triplets") == \
+        as_multisets(eager_tuples(bh_miner, b), "triplets")
+    monkeypatch.setattr(onnx_miner, "physical_memory_bytes", lambda: None)
+    assert as_multisets(OnnxMiner(dense)(*args), "triplets") == as_multisets(got, "triplets")
+
+
+def test_allocation_failure_is_memory_error(monkeypatch):
+    """ONNX Runtime failing to allocate becomes a MemoryError saying what to change; any
+    other failure passes through as it was."""
+    b = random_batch(9, D, seed=17)
+    _, dense = onnx_graph_cache.graph("TripletMarginMiner")
+    om = OnnxMiner(dense)
+
+    def fail(text):
+        def run(*a, **k):
+            raise RuntimeError(text)
+        return run
+
+    om.session.run = fail("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 Failed to allocate "
+                          "memory for requested buffer of size 68719476736")
+    with pytest.raises(MemoryError, match=r"TripletMarginMiner graph on 9 anchor rows against "
+                                          r"9 references \(largest tensor 729 elements; "
+                                          r"Failed to allocate memory for requested buffer of "
+                                          r"size 68719476736\); export the miner with "
+                                          r"anchor_blocks=True"):
+        om(b["embeddings"], b["labels"])
+    om.session.run = fail("some other failure")
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        om(b["embeddings"], b["labels"])
+    _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    om = OnnxMiner(path)
+    om.session.run = fail("CUDA failure 2: out of memory")
+    with pytest.raises(MemoryError, match=r"out of memory\); pass a smaller max_block_elements"):
+        om(b["embeddings"], b["labels"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="RLIMIT_AS: Linux")
+def test_real_allocation_failure_is_memory_error(tmp_path):
+    """Under a 3 GiB address-space limit, a dense TripletMarginMiner graph at N = 1600
+    (4.1e9 one-byte mask elements) cannot allocate: a MemoryError, then the same session
+    still mines a small batch."""
+    _, dense = onnx_graph_cache.graph("TripletMarginMiner")
+    code = textwrap.dedent(f"""
+        import resource
+        import numpy as np
+        from exportminers.runtime import OnnxMiner, onnx_miner
+        onnx_miner.physical_memory_bytes = lambda: None   # leave the failure to ONNX Runtime
+        om = OnnxMiner({str(dense)!r})
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(1600, {D})).astype(np.float32)
+        y = rng.integers(0, 200, 1600)
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2 ** 30, resource.RLIM_INFINITY))
+        try:
+            om(x, y)
+        except MemoryError as e:
+            print("MEMORYERROR", e)
+        small = om(x[:30], y[:30])
+        print("SMALL", len(small[0]))
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MEMORYERROR embeddings: ONNX Runtime ran out of memory running this " \
+           "TripletMarginMiner graph on 1600 anchor rows" in out.stdout, out.stdout + out.stderr
+    assert "anchor_blocks=True" in out.stdout
+    assert int(out.stdout.split("SMALL")[1]) > 0
+
+
 def test_row_independence_flags():
     assert export.ROW_INDEPENDENT.isdisjoint({"HDCMiner", "UniformHistogramMiner",
                                               "DistanceWeightedMiner", "MaximumLossMiner"})
