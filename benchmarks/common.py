@@ -220,8 +220,8 @@ def short(text: str, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------- misc
 
 
-def onnx_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, "onnx", f"{name}.onnx")
+def onnx_path(out_dir: str, name: str, anchor_blocks: bool = False) -> str:
+    return os.path.join(out_dir, "onnx", f"{name}{'_anchor_blocks' if anchor_blocks else ''}.onnx")
 
 
 def row_key(row: Dict[str, Any]) -> Tuple[str, int, str]:

@@ -202,6 +202,13 @@ def _impl_table(rows, notes, value) -> List[str]:
     return out
 
 
+ANCHOR_BLOCKS_NOTE = (
+    "one run of the self-mining graph would compute a tensor beyond 2^31 - 1 elements "
+    "(N^3 for the dense triplet miners): this row runs the miner's anchor_blocks=True graph, "
+    "which OnnxMiner mines in anchor blocks by itself (below 2^31 - 1 elements a block on the "
+    "CUDA EP, 2^28 on the CPU), with the same tuples as one run")
+
+
 def _time_cell(idx, m, n, k, r, notes) -> str:
     val = common.fmt_ms(r.get("median_ms")) if r else ""
     rt = ratio(idx, m, n, k) if k != "pml" else None
@@ -210,6 +217,8 @@ def _time_cell(idx, m, n, k, r, notes) -> str:
     if no_timed_call(r):
         val += " (1 call)" + _note_ref(notes, r.get("note") or (
             "no timed call: the time is the first, cold call's"))
+    if r and r.get("graph") == "anchor_blocks":
+        val += _note_ref(notes, ANCHOR_BLOCKS_NOTE)
     return val
 
 

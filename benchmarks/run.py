@@ -534,6 +534,10 @@ def plan(args, env: Dict[str, Any]):
                     row["onnx_path"] = common.onnx_path(args.out, name)
                     exports[name] = {"kind": "export", "miner": name, "config": config,
                                      "path": row["onnx_path"], "d": args.dim,
+                                     "blocks_path": common.onnx_path(args.out, name,
+                                                                     anchor_blocks=True),
+                                     "sizes": sorted({common.effective_n(name, s)
+                                                      for s in sizes}),
                                      "cap_s": args.export_cap_s, "threads": args.threads}
                 to_run.append(row)
     return to_run, decided, exports
@@ -589,7 +593,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   limit_bytes)):
                 export_results[name] = res
                 log(f"[bench] export {name}: {res['status']}"
-                    + (f" ({res.get('export_s')} s)" if res["status"] == "ok"
+                    + (f" ({res.get('export_s')} s" + (
+                        f"; with the anchor-block graph for N={res['blocks_for']}"
+                        if res.get("blocks_for") else "") + ")" if res["status"] == "ok"
                        else f" - {res.get('reason')}"))
     rows: List[Dict[str, Any]] = list(decided)
     runnable = []
@@ -599,6 +605,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(dict(row, status="unavailable",
                              reason=f"ONNX export failed: {res.get('status')}: {res.get('reason')}"))
         else:
+            if "onnx_path" in row and export_results[row["miner"]].get("blocks_path"):
+                row["onnx_blocks_path"] = export_results[row["miner"]]["blocks_path"]
             runnable.append(row)
 
     # rows: per miner, N ascending (a timeout skips that implementation's larger N), the

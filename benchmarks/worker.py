@@ -68,13 +68,55 @@ def _error_result(e: BaseException) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------ export
 
 
+class RowSkipped(Exception):
+    """A row that cannot be measured as defined (its reason is recorded, status skipped)."""
+
+
 def run_export(task: Dict[str, Any]) -> Dict[str, Any]:
+    """Export the miner's self-mining graph; where it is row-independent and one run of
+    that graph would compute a tensor beyond ``CUDA_MAX_ELEMENTS`` at one of the task's
+    ``sizes``, also its ``anchor_blocks=True`` graph (``blocks_path``), which the rows at
+    those sizes use: OnnxMiner mines it in anchor blocks (see :func:`pick_graph`)."""
     import exportminers
+    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS, OnnxMiner
     miner = common.build_ours(task["miner"], task["config"])
     t0 = time.perf_counter()
     exportminers.export_onnx(miner, task["path"], embedding_dim=task["d"], with_ref=False)
-    return {"status": "ok", "export_s": round(time.perf_counter() - t0, 3),
-            "path": task["path"]}
+    out = {"status": "ok", "path": task["path"]}
+    om = OnnxMiner(task["path"], providers=["CPUExecutionProvider"])
+    too_big = [n for n in task.get("sizes", [])
+               if om.largest_tensor_elements(n, n, task["d"]) > CUDA_MAX_ELEMENTS]
+    if too_big and om.row_independent and task.get("blocks_path"):
+        exportminers.export_onnx(miner, task["blocks_path"], embedding_dim=task["d"],
+                                 anchor_blocks=True)
+        out["blocks_path"] = task["blocks_path"]
+        out["blocks_for"] = too_big
+    out["export_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def pick_graph(task: Dict[str, Any], n: int) -> str:
+    """The graph a row of ``n`` rows runs: the self-mining graph, or where one run of it
+    would compute a tensor beyond ``CUDA_MAX_ELEMENTS`` elements (the dense triplet
+    miners: N^3), the anchor-block graph, mined in blocks as OnnxMiner does by itself
+    (below 2^31 - 1 elements a block on the CUDA EP, ``CPU_BLOCK_ELEMENTS`` on the CPU).
+    Fixed-shape (raw) rows are one run by definition: skipped there."""
+    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS, OnnxMiner
+    dense = OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"])
+    largest = dense.largest_tensor_elements(n, n, task["d"])
+    if largest <= CUDA_MAX_ELEMENTS:
+        return task["onnx_path"]
+    if task["impl"].endswith("_raw"):
+        raise RowSkipped(
+            f"fixed-shape outputs are one run's, and one run at N={n} computes a tensor of "
+            f"{largest:,} elements (beyond 2^31 - 1, ONNX Runtime's CUDA limit); the decoded "
+            f"row mines it in anchor blocks")
+    if not task.get("onnx_blocks_path"):
+        raise RowSkipped(
+            f"one run at N={n} computes a tensor of {largest:,} elements (beyond 2^31 - 1) "
+            f"and {task['miner']} cannot be mined in anchor blocks (not row-independent)")
+    task["_graph"] = "anchor_blocks"
+    return task["onnx_blocks_path"]
 
 
 # ------------------------------------------------------------------------------ rows
@@ -125,13 +167,14 @@ def _build(task: Dict[str, Any], device) -> Callable:
         return torch.jit.script(common.build_ours(name, config)).to(device)
     if impl.startswith("ort_"):
         import exportminers
+        path = pick_graph(task, common.effective_n(name, task["n"]))
         if impl.startswith("ort_cpu"):
             so = cpu_session_options(task.get("threads", 0))
-            om = exportminers.OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"],
+            om = exportminers.OnnxMiner(path, providers=["CPUExecutionProvider"],
                                         session_options=so, seed=task["seed"])
         else:
             so = session_options(task.get("threads", 0))
-            om = exportminers.OnnxMiner(task["onnx_path"],
+            om = exportminers.OnnxMiner(path,
                                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                                         session_options=so, seed=task["seed"])
             if om.providers[0] != "CUDAExecutionProvider":
@@ -292,6 +335,8 @@ def run_row(task: Dict[str, Any], deadline: float, shared_process: bool = False)
         result["mem_note"] = SHARED_MEM_NOTE
     if "_providers" in task:
         result["providers"] = task["_providers"]
+    if "_graph" in task:
+        result["graph"] = task["_graph"]
     return result
 
 
@@ -318,6 +363,8 @@ def main(argv: List[str]) -> int:
                 result = run_export(task)
             else:
                 result = run_row(task, deadline, shared_process=i > 0)
+        except RowSkipped as e:
+            result = {"status": "skipped", "reason": str(e)}
         except BaseException as e:  # noqa: BLE001 - every failure is a result
             if isinstance(e, KeyboardInterrupt):
                 raise

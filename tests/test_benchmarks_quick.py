@@ -239,3 +239,55 @@ def test_report_tables_without_columns_and_untimed_rows():
     line = next(x for x in md.splitlines() if x.startswith("| BatchHardMiner | 64 |"))
     assert "(1 call)[^1]" in line and "x)" not in line  # marked, and no ratio to PML
     assert "[^1]: no timed call (repeats=0): cold call" in md
+
+
+@pytest.mark.skipif(not _onnx_available(), reason="torch.onnx export unavailable here")
+def test_rows_beyond_one_run_use_the_anchor_block_graph(tmp_path, monkeypatch):
+    """Where one run of a self-mining graph would compute a tensor beyond 2^31 - 1 elements
+    (shrunk here to 1,000), the export adds the miner's anchor-block graph and its decoded
+    rows run that (marked, with a footnote) with the same tuples as the eager miner; its
+    fixed-shape rows are skipped with the reason; a miner that is not row-independent
+    gets no anchor-block graph and its rows at that size are skipped."""
+    from benchmarks import common, worker
+    from exportminers.runtime import onnx_miner
+    from exportminers.verify import as_multisets
+    monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 1000)   # 12^3 > 1000 > 6^3
+    d = 16
+
+    def export(name):
+        task = {"miner": name, "config": common.default_config(name), "d": d,
+                "path": common.onnx_path(str(tmp_path), name),
+                "blocks_path": common.onnx_path(str(tmp_path), name, anchor_blocks=True),
+                "sizes": [6, 12]}
+        os.makedirs(os.path.dirname(task["path"]), exist_ok=True)
+        return worker.run_export(task)
+
+    res = export("TripletMarginMiner")
+    assert res["status"] == "ok" and res["blocks_for"] == [12] and os.path.isfile(res["blocks_path"])
+    row = bench_run.row_task("TripletMarginMiner", "ort_cpu", 12, d=d, warmup=1, repeats=1,
+                             onnx_path=res["path"], onnx_blocks_path=res["blocks_path"])
+    assert worker.pick_graph(dict(row, n=6), 6) == res["path"]
+    assert worker.pick_graph(dict(row), 12) == res["blocks_path"]
+    with pytest.raises(worker.RowSkipped, match="1,728 elements.*anchor blocks"):
+        worker.pick_graph(dict(row, impl="ort_cpu_raw"), 12)
+    out = worker.run_row(dict(row), deadline=1e18)
+    assert out["status"] == "ok" and out["graph"] == "anchor_blocks"
+    x, y = common.make_inputs(12, d, 8, 1, 0, 1.25)[0]
+    got = worker._build(dict(row), "cpu")(x.numpy(), y.numpy())
+    miner = common.build_ours("TripletMarginMiner", common.default_config("TripletMarginMiner"))
+    assert as_multisets(got, "triplets") == as_multisets(miner(x, y), "triplets")
+
+    res = export("DistanceWeightedMiner")       # [N, N] tensors only: fits at 12 too
+    assert res["status"] == "ok" and "blocks_path" not in res
+    monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 100)    # 12^2 > 100
+    res = export("DistanceWeightedMiner")
+    assert "blocks_path" not in res            # not row-independent: no anchor blocks
+    row = bench_run.row_task("DistanceWeightedMiner", "ort_cpu", 12, d=d, onnx_path=res["path"])
+    with pytest.raises(worker.RowSkipped, match="not row-independent"):
+        worker.pick_graph(row, 12)
+
+    md = bench_report.markdown(_result(rows=[
+        _row("TripletMarginMiner", 64, "pml"),
+        _row("TripletMarginMiner", 64, "ort_cpu", graph="anchor_blocks")]))
+    line = next(x for x in md.splitlines() if x.startswith("| TripletMarginMiner | 64 |"))
+    assert "[^1]" in line and "[^1]: one run of the self-mining graph" in md
