@@ -190,6 +190,35 @@ def test_older_api_mine_refuses_a_reference_set():
     assert len(Old()(x, y, x, y)[0]) == len(Old()(x, y)[0])   # the batch itself: self-mining
 
 
+def test_mine_arity_is_answered_per_function():
+    """The two- or four-argument form of a custom ``mine`` is looked up once per function
+    (a subclass overriding it gets its own answer); a ``mine`` set on the instance is
+    inspected each call."""
+    from exportminers.miners import base_miner
+
+    class Four(miners.BaseMiner):
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            return lmu.get_all_triplets_indices(labels, ref_labels)
+
+    class Two(Four):
+        def mine(self, embeddings, labels):
+            return lmu.get_all_triplets_indices(labels)
+
+    x, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    r, ry = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    for _ in range(2):
+        assert len(Four()(x, y, r, ry)[0]) == len(lmu.get_all_triplets_indices(y, ry)[0])
+        with pytest.raises(ValueError, match="takes no reference set"):
+            Two()(x, y, r, ry)
+    assert base_miner._TAKES_TWO[Four.mine] is False and base_miner._TAKES_TWO[Two.mine] is True
+    m = Four()
+    m.mine = lambda embeddings, labels: lmu.get_all_triplets_indices(labels)
+    with pytest.raises(ValueError, match="takes no reference set"):
+        m(x, y, r, ry)
+    m.mine = lambda e, la, re, rl: lmu.get_all_triplets_indices(la, rl)
+    assert len(m(x, y, r, ry)[0]) == len(lmu.get_all_triplets_indices(y, ry)[0])
+
+
 def test_verify_mirrored_ties_only_for_symmetric_pair_miners(tmp_path):
     from exportminers import verify
     assert set(verify.SYMMETRIC_PAIR_MINERS) == {"PairMarginMiner", "HDCMiner"}
