@@ -16,7 +16,7 @@ import torch
 import exportminers
 from exportminers import export, registry
 from exportminers.decode import decode as decode_torch
-from exportminers.runtime import OnnxMiner, checks_np, decode_np
+from exportminers.runtime import OnnxMiner, checks_np, decode_np, onnx_miner
 from exportminers.runtime import metadata as md
 from exportminers.verify import as_multisets, eager_tuples, random_batch
 
@@ -431,7 +431,6 @@ def test_cuda_size_guard_chunks_or_refuses(monkeypatch):
     """On the CUDA EP no tensor may pass 2^31 - 1 elements: chunkable graphs are mined in
     blocks below it (same result), the rest raise ValueError before running. Simulated
     here with a small limit on the CPU EP."""
-    from exportminers.runtime import onnx_miner
     monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 600)
     b = random_batch(12, D, seed=5)
     args = (b["embeddings"], b["labels"])
@@ -482,7 +481,6 @@ def test_cpu_default_blocks_for_chunkable_graphs(monkeypatch):
     mined in blocks within CPU_BLOCK_ELEMENTS (shrunk here): the same tuples as eager and
     as one run, in the same order. Explicit chunking wins; return_raw stays one run; a
     dense self-mining graph is never cut."""
-    from exportminers.runtime import onnx_miner
     b = random_batch(12, D, seed=15)
     args = (b["embeddings"], b["labels"])
     miner, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
@@ -509,7 +507,6 @@ def test_cpu_default_blocks_for_chunkable_graphs(monkeypatch):
 def test_cpu_memory_guard(monkeypatch):
     """Off the CUDA EP a call whose largest tensor has more elements than the machine has
     bytes fails before running, with a way out; chunkable graphs are cut below it."""
-    from exportminers.runtime import onnx_miner
     assert onnx_miner.physical_memory_bytes() > 2 ** 28    # a real figure on this OS
     monkeypatch.setattr(onnx_miner, "physical_memory_bytes", lambda: 1000)
     b = random_batch(12, D, seed=16)
@@ -594,6 +591,36 @@ def test_real_allocation_failure_is_memory_error(tmp_path):
            "TripletMarginMiner graph on 1600 anchor rows" in out.stdout, out.stdout + out.stderr
     assert "anchor_blocks=True" in out.stdout
     assert int(out.stdout.split("SMALL")[1]) > 0
+
+
+def test_joining_blocks_lets_go_of_each_piece():
+    """Anchor blocks are joined into outputs allocated once, each block's piece dropped
+    once copied (peak: the output plus one piece, not twice the output), anchor fields
+    shifted by their block's start; numpy and torch alike."""
+    import gc
+    import weakref
+    _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    om = OnnxMiner(path)
+    assert om._anchor_fields == [0]
+    rng = np.random.default_rng(3)
+    for lib in ("numpy", "torch"):
+        starts = [0, 4, 9]
+        pieces = [[rng.integers(0, 5, k) for _ in range(3)] for k in (3, 0, 5)]
+        want = [np.concatenate([p[f] + (s if f == 0 else 0) for s, p in zip(starts, pieces)])
+                for f in range(3)]
+        if lib == "torch":
+            pieces = [[torch.from_numpy(a) for a in p] for p in pieces]
+            empty = lambda n, like: torch.empty(n, dtype=like.dtype)   # noqa: E731
+        else:
+            empty = onnx_miner._np_empty
+        refs = [weakref.ref(a) for p in pieces for a in p]
+        blocks = [(s, p) for s, p in zip(starts, pieces)]
+        del pieces
+        got = om._join(blocks, empty)
+        gc.collect()
+        assert all(r() is None for r in refs), lib
+        assert all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want)), lib
+        assert all(np.asarray(g).dtype == np.int64 for g in got)
 
 
 def test_row_independence_flags():

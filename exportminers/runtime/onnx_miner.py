@@ -69,6 +69,10 @@ def _strict_gpu(session_options) -> bool:
         return False
 
 
+def _np_empty(n: int, like: np.ndarray) -> np.ndarray:
+    return np.empty(n, dtype=like.dtype)
+
+
 def _is_host(x) -> bool:
     """numpy arrays and plain Python data take the host path; other objects exposing
     ``__dlpack__`` (torch tensors, CuPy/JAX arrays, OrtValues) take the IOBinding path."""
@@ -415,7 +419,7 @@ class OnnxMiner:
         for s in range(0, n, per):
             e = min(n, s + per)
             blocks.append((s, self._decode_np(run(s, e))))
-        return self._finish(self._join(blocks, np.concatenate, lambda a, s: a + s))
+        return self._finish(self._join(blocks, _np_empty))
 
     def _raise_if_out_of_memory(self, err: Exception, rows: int, m: int, d: int) -> None:
         """ONNX Runtime's failure to allocate a run's memory as a MemoryError that says
@@ -501,17 +505,30 @@ class OnnxMiner:
             return [np.asarray(o).astype(np.int64, copy=False) for o in outputs]
         return decode_np.decode(outputs, self.layout)
 
-    def _join(self, blocks, cat, shift):
-        """Concatenate decoded anchor blocks, shifting anchor coordinates by the offset."""
+    def _join(self, blocks, empty):
+        """Concatenate decoded anchor blocks ``[(start, fields)]``, shifting anchor
+        coordinates by each block's start. Each output is allocated once (``empty(count,
+        like)``) and filled block by block, dropping every block's piece once copied, so
+        the peak is about the output plus one piece (concatenating kept every piece
+        alive beside the result: twice the output)."""
         if len(blocks) == 1:
             return blocks[0][1]
+        for i, (start, fields) in enumerate(blocks):   # the caller's list: pieces let go
+            if not isinstance(fields, list):
+                blocks[i] = (start, list(fields))
         out = []
         for k in range(len(blocks[0][1])):
-            pieces = []
+            dest = empty(sum(int(fields[k].shape[0]) for _, fields in blocks), blocks[0][1][k])
+            pos = 0
             for start, fields in blocks:
-                f = fields[k]
-                pieces.append(shift(f, start) if k in self._anchor_fields else f)
-            out.append(cat(pieces))
+                piece, fields[k] = fields[k], None
+                stop = pos + int(piece.shape[0])
+                dest[pos:stop] = piece
+                if start and k in self._anchor_fields:
+                    dest[pos:stop] += start
+                pos = stop
+                del piece
+            out.append(dest)
         return out
 
     def _finish(self, fields):
@@ -705,5 +722,6 @@ class OnnxMiner:
             blocks.append((s, fields))
         if device_output:
             import torch
-            return self._finish(self._join(blocks, torch.cat, lambda a, s: a + s))
-        return self._finish(self._join(blocks, np.concatenate, lambda a, s: a + s))
+            return self._finish(self._join(
+                blocks, lambda n, like: torch.empty(n, dtype=like.dtype, device=like.device)))
+        return self._finish(self._join(blocks, _np_empty))
