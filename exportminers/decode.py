@@ -23,6 +23,26 @@ from torch import Tensor
 
 
 
+def cat_release(pieces: List[Tensor]) -> Tensor:
+    """``torch.cat(pieces)`` of 1-D tensors that lets go of each piece once copied (the
+    list's entries are replaced by empty tensors): the peak is the result plus the pieces
+    not yet copied, where ``torch.cat`` keeps every piece alive beside the result while
+    the caller holds the list. Decoded blocks of many tuples are joined with it."""
+    if len(pieces) == 1:
+        return pieces[0]
+    total = 0
+    for piece in pieces:
+        total += piece.size(0)
+    out = torch.empty(total, dtype=pieces[0].dtype, device=pieces[0].device)
+    pos = 0
+    for i in range(len(pieces)):
+        k = pieces[i].size(0)
+        out.narrow(0, pos, k).copy_(pieces[i])
+        pieces[i] = out[:0]
+        pos += k
+    return out
+
+
 def _flat_true(mask: Tensor, limit: int = 2147483647) -> Tensor:
     """Flat positions of True entries, in order; ``nonzero`` runs on pieces of at most
     ``limit`` elements (its CUDA kernel handles at most INT_MAX)."""

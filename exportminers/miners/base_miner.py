@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..decode import decode
+from ..decode import cat_release, decode
 from ..distances import BaseDistance, DotProductSimilarity, LpDistance
 from ..utils import loss_and_miner_utils as lmu
 from ..utils.checks import check_inputs, check_positive_int
@@ -381,7 +381,7 @@ class DenseTripletKernelMiner(TripletKernelMiner):
             a.append(out[0] + s)   # anchors are block-row coordinates
             pp.append(out[1])
             nn.append(out[2])
-        return [torch.cat(a), torch.cat(pp), torch.cat(nn)]
+        return [cat_release(a), cat_release(pp), cat_release(nn)]
 
     def mine_in_blocks(self, embeddings: Tensor, rows: List[Tensor], shared: List[Tensor],
                        m: int) -> List[Tensor]:
@@ -399,7 +399,7 @@ class DenseTripletKernelMiner(TripletKernelMiner):
             a.append(out[0] + s)   # anchors are block-row coordinates
             p.append(out[1])
             neg.append(out[2])
-        return [torch.cat(a), torch.cat(p), torch.cat(neg)]
+        return [cat_release(a), cat_release(p), cat_release(neg)]
 
 
 class PairKernelMiner(KernelMinerMixin, BasePostGradientMiner):
