@@ -27,6 +27,7 @@ ROW_MINERS = [n for n in ("PairMarginMiner", "TripletMarginMiner", "BatchHardMin
                           "BatchEasyHardMiner", "MultiSimilarityMiner")
               if hasattr(exportminers.miners, n)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="module")
@@ -484,22 +485,22 @@ def test_cpu_default_blocks_for_chunkable_graphs(monkeypatch):
     b = random_batch(12, D, seed=15)
     args = (b["embeddings"], b["labels"])
     miner, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
-    one = OnnxMiner(path, chunk_size=12)(*args)
+    one = OnnxMiner(path, chunk_size=12, providers=CPU)(*args)
     assert as_multisets(one, "triplets") == as_multisets(eager_tuples(miner, b), "triplets")
     monkeypatch.setattr(onnx_miner, "CPU_BLOCK_ELEMENTS", 600)   # 12 x 12 x 12 = 1728
-    om = OnnxMiner(path)
+    om = OnnxMiner(path, providers=CPU)
     runs = _count_runs(om)
     assert _same(om(*args), one) and runs == [4, 4, 4]
     runs.clear()
     assert len(om(*args, return_raw=True)) == len(om.output_names) and runs == [12]
-    om = OnnxMiner(path, chunk_size=6)
+    om = OnnxMiner(path, chunk_size=6, providers=CPU)
     runs = _count_runs(om)
     assert _same(om(*args), one) and runs == [6, 6]
-    om = OnnxMiner(path, max_block_elements=10 ** 6)
+    om = OnnxMiner(path, max_block_elements=10 ** 6, providers=CPU)
     runs = _count_runs(om)
     assert _same(om(*args), one) and runs == [12]
     _, dense = onnx_graph_cache.graph("TripletMarginMiner")
-    om = OnnxMiner(dense)
+    om = OnnxMiner(dense, providers=CPU)
     runs = _count_runs(om)
     assert as_multisets(om(*args), "triplets") == as_multisets(one, "triplets") and runs == [12]
 
@@ -514,20 +515,59 @@ def test_cpu_memory_guard(monkeypatch):
     miner, dense = onnx_graph_cache.graph("TripletMarginMiner")
     with pytest.raises(ValueError, match=r"self-mining 12 rows .* 1,728 elements, more than "
                                          r"the 1,000 bytes of memory .*anchor_blocks=True"):
-        OnnxMiner(dense)(*args)
+        OnnxMiner(dense, providers=CPU)(*args)
     _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
-    om = OnnxMiner(path)
+    om = OnnxMiner(path, providers=CPU)
     runs = _count_runs(om)
     got = om(*args)                       # 6 rows x 144 = 864 elements fit
     assert runs == [6, 6]
     assert as_multisets(got, "triplets") == as_multisets(eager_tuples(miner, b), "triplets")
     with pytest.raises(ValueError, match="return_raw"):
         om(*args, return_raw=True)
+    om = OnnxMiner(path, chunk_size=12, providers=CPU)   # asked-for blocks past the limit
+    runs = _count_runs(om)
+    assert _same(om(*args), got) and runs == [6, 6]
     bh_miner, bh = onnx_graph_cache.graph("BatchHardMiner")    # largest tensors [N, N]: fit
-    assert as_multisets(OnnxMiner(bh)(*args), "triplets") == \
+    assert as_multisets(OnnxMiner(bh, providers=CPU)(*args), "triplets") == \
         as_multisets(eager_tuples(bh_miner, b), "triplets")
     monkeypatch.setattr(onnx_miner, "physical_memory_bytes", lambda: None)
-    assert as_multisets(OnnxMiner(dense)(*args), "triplets") == as_multisets(got, "triplets")
+    assert as_multisets(OnnxMiner(dense, providers=CPU)(*args), "triplets") == as_multisets(got, "triplets")
+
+
+def test_cpu_default_blocks_respect_tensors_every_run_computes(monkeypatch):
+    """A tensor that does not grow with the anchors (here the reference set's [D, M]) is
+    computed by every run: the default CPU blocks grow to its size instead of shrinking
+    to one row. Inputs that cannot be sliced (an OrtValue) are mined in one run rather
+    than refused; with an explicit chunk_size they are refused, naming it."""
+    monkeypatch.setattr(onnx_miner, "CPU_BLOCK_ELEMENTS", 1000)
+    miner, path = onnx_graph_cache.ref_graph("BatchHardMiner")
+    om = OnnxMiner(path, providers=CPU)
+    assert ["D", "M"] in om.largest_tensors
+    b = random_batch(64, D, m=200, seed=18)     # [D, M] = 1,600 > 1,000; [N, M] = 200 a row
+    args = (b["embeddings"], b["labels"], b["ref_emb"], b["ref_labels"])
+    assert om._rows_per_block(64, 200, D) == 8
+    runs = _count_runs(om)
+    got = om(*args)
+    assert runs == [8] * 8
+    assert as_multisets(got, "triplets") == as_multisets(eager_tuples(miner, b), "triplets")
+    if hasattr(ort.OrtValue, "from_dlpack"):
+        as_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in args]
+        assert _same(om(*as_ort), got)               # one run through IOBinding
+        with pytest.raises(ValueError, match=r"embeddings: mining in anchor blocks \(5 of 64 "
+                                             r"rows a run, for chunk_size\).*not OrtValue"):
+            OnnxMiner(path, providers=CPU, chunk_size=5)(*as_ort)
+
+
+def test_memory_limit_reads_the_cgroup(tmp_path):
+    from exportminers.runtime.onnx_miner import _cgroup_limit, physical_memory_bytes
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")
+    v1.write_text("9223372036854771712\n")           # cgroup v1's "no limit"
+    assert _cgroup_limit([str(v2), str(v1)]) is None
+    v2.write_text("1073741824\n")
+    assert _cgroup_limit([str(tmp_path / "absent"), str(v2)]) == 2 ** 30
+    total = physical_memory_bytes()
+    assert total is not None and total > 2 ** 28
 
 
 def test_allocation_failure_is_memory_error(monkeypatch):
@@ -535,7 +575,7 @@ def test_allocation_failure_is_memory_error(monkeypatch):
     other failure passes through as it was."""
     b = random_batch(9, D, seed=17)
     _, dense = onnx_graph_cache.graph("TripletMarginMiner")
-    om = OnnxMiner(dense)
+    om = OnnxMiner(dense, providers=CPU)
 
     def fail(text):
         def run(*a, **k):
@@ -550,14 +590,22 @@ def test_allocation_failure_is_memory_error(monkeypatch):
                                           r"size 68719476736\); export the miner with "
                                           r"anchor_blocks=True"):
         om(b["embeddings"], b["labels"])
+    om.session.run = fail("std::bad_alloc")      # ONNX Runtime without its CPU arena
+    with pytest.raises(MemoryError, match="bad_alloc"):
+        om(b["embeddings"], b["labels"])
+    with pytest.raises(MemoryError, match=r"return_raw=True is one run: mine fewer anchors "
+                                          r"per call$"):
+        om(b["embeddings"], b["labels"], return_raw=True)
     om.session.run = fail("some other failure")
     with pytest.raises(RuntimeError, match="^some other failure$"):
         om(b["embeddings"], b["labels"])
     _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
-    om = OnnxMiner(path)
+    om = OnnxMiner(path, providers=CPU)
     om.session.run = fail("CUDA failure 2: out of memory")
     with pytest.raises(MemoryError, match=r"out of memory\); pass a smaller max_block_elements"):
         om(b["embeddings"], b["labels"])
+    with pytest.raises(MemoryError, match="drop return_raw to mine in anchor blocks"):
+        om(b["embeddings"], b["labels"], return_raw=True)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="RLIMIT_AS: Linux")
@@ -571,7 +619,7 @@ def test_real_allocation_failure_is_memory_error(tmp_path):
         import numpy as np
         from exportminers.runtime import OnnxMiner, onnx_miner
         onnx_miner.physical_memory_bytes = lambda: None   # leave the failure to ONNX Runtime
-        om = OnnxMiner({str(dense)!r})
+        om = OnnxMiner({str(dense)!r}, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
         x = rng.normal(size=(1600, {D})).astype(np.float32)
         y = rng.integers(0, 200, 1600)
@@ -600,7 +648,7 @@ def test_joining_blocks_lets_go_of_each_piece():
     import gc
     import weakref
     _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
-    om = OnnxMiner(path)
+    om = OnnxMiner(path, providers=CPU)
     assert om._anchor_fields == [0]
     rng = np.random.default_rng(3)
     for lib in ("numpy", "torch"):

@@ -34,21 +34,51 @@ _DLPACK_CUDA_MANAGED = 13
 # elementwise node over more than 2^31 elements failed and poisoned the CUDA context).
 CUDA_MAX_ELEMENTS = 2 ** 31 - 1
 
-# Off the CUDA EP, a chunkable graph (``OnnxMiner.chunkable``) called without chunk_size /
+# How ONNX Runtime words a failed allocation (its arena, the CUDA EP, plain new/malloc
+# when the caller's session options turn the CPU arena off).
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc|bad allocation",
+                            re.IGNORECASE)
+
+# On the CPU EP, a chunkable graph (``OnnxMiner.chunkable``) called without chunk_size /
 # max_block_elements is mined in anchor blocks whose largest tensor stays within this many
-# elements: the same result, less memory, no loss of speed. Measured on 2 cores (one
+# elements (or within a larger tensor that every run computes anyway): the same result,
+# less memory, no loss of speed. Measured on 2 cores (one
 # thread, d = 128): the TripletMarginMiner anchor-block graph at N = 1024 took 267 ms in
 # blocks of 256 rows against 279 ms in one run, at 772 against 1,586 MB peak RSS.
 CPU_BLOCK_ELEMENTS = 2 ** 28
 
 
+_CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _cgroup_limit(paths: Sequence[str] = _CGROUP_FILES) -> Optional[int]:
+    """The memory limit of this process's cgroup (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), None where there is none or it cannot be read."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 2 ** 60:   # "max" or a huge number: none
+            return int(text)
+    return None
+
+
 def physical_memory_bytes() -> Optional[int]:
-    """The machine's physical memory in bytes (None where the OS does not say)."""
+    """The memory this process may use, in bytes: the machine's physical memory, or its
+    cgroup's limit where lower (None where the OS says neither)."""
+    total = None
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        if pages > 0 and size > 0:
+            total = pages * size
     except (AttributeError, ValueError, OSError):
-        return None
-    return pages * size if pages > 0 and size > 0 else None
+        pass
+    group = _cgroup_limit()
+    if group is not None:
+        total = group if total is None else min(total, group)
+    return total
 
 
 def default_providers() -> List[str]:
@@ -140,7 +170,7 @@ class OnnxMiner:
         max_block_elements: instead of ``chunk_size``, choose the block so that the
             largest tensor the graph computes stays within this many elements. Without
             either, chunkable graphs are cut on their own (2^31 - 1 elements a block on
-            the CUDA EP, :data:`CPU_BLOCK_ELEMENTS` elsewhere).
+            the CUDA EP, :data:`CPU_BLOCK_ELEMENTS` on the CPU EP).
         check_finite: reject NaN/inf embeddings (default: as the exported miner).
         provider_options: passed to ``InferenceSession``.
 
@@ -164,10 +194,10 @@ class OnnxMiner:
     On the CUDA EP no tensor may exceed 2^31 - 1 elements (a larger one fails and leaves
     the process's CUDA context unusable): chunkable graphs are then mined in anchor
     blocks automatically, other calls that would exceed it raise ``ValueError`` first.
-    On other providers, chunkable graphs called without ``chunk_size`` /
+    On the CPU EP, chunkable graphs called without ``chunk_size`` /
     ``max_block_elements`` are mined in blocks within :data:`CPU_BLOCK_ELEMENTS`, and a
-    call whose largest tensor has more elements than the machine has bytes of memory
-    raises ``ValueError`` first. ONNX Runtime failing to allocate a run's memory is a
+    call whose largest tensor has more elements than the machine (or its cgroup) has
+    bytes of memory raises ``ValueError`` first. ONNX Runtime failing to allocate a run's memory is a
     ``MemoryError`` that says what ran and how to make it smaller.
     """
 
@@ -307,33 +337,46 @@ class OnnxMiner:
                 hi = mid
         return lo
 
-    def _rows_per_block(self, n: int, m: int, d: int, return_raw: bool = False) -> int:
+    def _soft_budget(self, m: int, d: int) -> int:
+        """Elements a default CPU block may reach: :data:`CPU_BLOCK_ELEMENTS`, or the
+        graph's largest tensor that does not grow with the anchors (e.g. a [D, M] view
+        of the reference set) where that is larger, so blocks never shrink to one row
+        only because of a tensor every run computes anyway."""
+        return max(CPU_BLOCK_ELEMENTS, self.largest_tensor_elements(0, m, d))
+
+    def _rows_per_block(self, n: int, m: int, d: int, return_raw: bool = False,
+                        auto: bool = True) -> int:
         """Anchor rows per run.
 
         The asked-for chunking (``chunk_size`` / ``max_block_elements``) if any; else, for
-        a chunkable graph off the CUDA EP, blocks whose largest tensor stays within
-        :data:`CPU_BLOCK_ELEMENTS`. Then the hard limits, checked before anything runs
+        a chunkable graph on the CPU EP (and ``auto``), blocks whose largest tensor stays
+        within :meth:`_soft_budget`. Then the hard limits, checked before anything runs
         (``ValueError`` where a block of one run cannot meet them): on the CUDA EP no
         tensor beyond :data:`CUDA_MAX_ELEMENTS` (chunkable graphs are cut below it), on
-        other providers no tensor with more elements than the machine has bytes of
-        memory (every element takes at least one byte). ``return_raw`` is one run."""
+        the CPU EP no tensor with more elements than the machine (or its cgroup) has
+        bytes of memory, a certain failure as every element takes at least a byte
+        (chunkable graphs are then cut to the default CPU blocks). ``return_raw`` is
+        one run."""
+        on_cpu = bool(self.providers) and self.providers[0] == "CPUExecutionProvider"
         per = n
         if self.chunk_size is not None:
             per = min(n, self.chunk_size)
         elif self.max_block_elements is not None:
             per = max(1, self._rows_within(n, m, d, self.max_block_elements))
-        elif not self.on_cuda and self.chunkable and not return_raw:
-            per = max(1, self._rows_within(n, m, d, CPU_BLOCK_ELEMENTS))
+        elif on_cpu and auto and self.chunkable and not return_raw:
+            per = max(1, self._rows_within(n, m, d, self._soft_budget(m, d)))
         if self.on_cuda:
             limit = CUDA_MAX_ELEMENTS
             what = "that ONNX Runtime's CUDA kernels handle (a larger one fails and leaves " \
                    "the process's CUDA context unusable)"
-        else:
+        elif on_cpu:
             limit = physical_memory_bytes()
             if limit is None:
                 return per
             what = (f"bytes of memory this machine has ({limit / 2 ** 30:.1f} GiB; every "
                     f"element takes at least one byte)")
+        else:   # other execution providers: their limits are not known here
+            return per
         fit = self._rows_within(n, m, d, limit)
         if fit >= (n if return_raw else per):
             return per
@@ -344,9 +387,13 @@ class OnnxMiner:
                 f"{limit:,} {what}")
         if return_raw:
             raise ValueError(head + "; return_raw=True returns one run's outputs: mine fewer "
-                             "anchors per call")
+                             "anchors per call" + (", or drop return_raw to mine in anchor "
+                                                   "blocks" if self.chunkable and fit >= 1
+                                                   else ""))
         if fit >= 1 and self.chunkable:
-            return fit
+            if self.on_cuda:
+                return fit
+            return min(fit, max(1, self._rows_within(n, m, d, self._soft_budget(m, d))))
         if self.chunkable:
             raise ValueError(
                 head + f"; even one anchor row needs {self.largest_tensor_elements(1, m, d):,}"
@@ -410,7 +457,7 @@ class OnnxMiner:
             try:
                 return self.session.run(self.output_names, feeds)
             except Exception as err:
-                self._raise_if_out_of_memory(err, e - s, m, emb.shape[1])
+                self._raise_if_out_of_memory(err, e - s, m, emb.shape[1], return_raw)
                 raise
 
         if return_raw:
@@ -421,15 +468,19 @@ class OnnxMiner:
             blocks.append((s, self._decode_np(run(s, e))))
         return self._finish(self._join(blocks, _np_empty))
 
-    def _raise_if_out_of_memory(self, err: Exception, rows: int, m: int, d: int) -> None:
+    def _raise_if_out_of_memory(self, err: Exception, rows: int, m: int, d: int,
+                                return_raw: bool = False) -> None:
         """ONNX Runtime's failure to allocate a run's memory as a MemoryError that says
         what was run and how to make it smaller; other errors pass."""
         text = str(err)
-        if "Failed to allocate memory" not in text and "out of memory" not in text.lower():
+        if not _OUT_OF_MEMORY.search(text):
             return
         found = re.search(r"Failed to allocate memory for requested buffer of size \d+", text)
         detail = found.group(0) if found else text.strip()[:300]
-        if self.chunkable:
+        if return_raw:
+            hint = "return_raw=True is one run: mine fewer anchors per call" + (
+                ", or drop return_raw to mine in anchor blocks" if self.chunkable else "")
+        elif self.chunkable:
             hint = "pass a smaller max_block_elements (or chunk_size) to mine fewer anchors a run"
         elif self.row_independent and not self.with_ref:
             hint = ("export the miner with anchor_blocks=True and pass max_block_elements, or "
@@ -509,8 +560,9 @@ class OnnxMiner:
         """Concatenate decoded anchor blocks ``[(start, fields)]``, shifting anchor
         coordinates by each block's start. Each output is allocated once (``empty(count,
         like)``) and filled block by block, dropping every block's piece once copied, so
-        the peak is about the output plus one piece (concatenating kept every piece
-        alive beside the result: twice the output)."""
+        the peak is about the output plus one output field (concatenating kept every
+        piece alive beside the result: twice the output). Freed host memory may stay
+        with the process (the C allocator's heap) for later allocations."""
         if len(blocks) == 1:
             return blocks[0][1]
         for i, (start, fields) in enumerate(blocks):   # the caller's list: pieces let go
@@ -667,14 +719,22 @@ class OnnxMiner:
             return self._empty(n, m, False, like=emb if device_output else None)
         dev_type, dev_id = emb.__dlpack_device__()
         out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
-        per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw)
-        if per < n and not self.anchor_blocks:   # anchor blocks slice the inputs
+        # anchor blocks of a with_ref graph slice the inputs: torch tensors and numpy only
+        sliceable = self.anchor_blocks or all(_is_torch(v) or isinstance(v, np.ndarray)
+                                              for v in (emb, lab))
+        per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw, auto=sliceable)
+        if per < n and not sliceable:
+            why = ("chunk_size" if self.chunk_size is not None else "max_block_elements"
+                   if self.max_block_elements is not None else
+                   "the CUDA EP's 2^31-element limit" if self.on_cuda else "the memory limit")
             for what, v in (("embeddings", emb), ("labels", lab)):
                 if not (_is_torch(v) or isinstance(v, np.ndarray)):
                     raise ValueError(
-                        f"{what}: mining in anchor blocks ({per} of {n} rows a call) slices "
-                        "the inputs, which works for torch tensors and numpy arrays only, not "
-                        f"{type(v).__name__}; pass one of those, or no chunk_size")
+                        f"{what}: mining in anchor blocks ({per} of {n} rows a run, for {why}) "
+                        "slices the inputs, which works for torch tensors and numpy arrays "
+                        f"only, not {type(v).__name__}; pass one of those" + (
+                            ", or no chunk_size / max_block_elements"
+                            if why in ("chunk_size", "max_block_elements") else ""))
 
         def run(s: int, e: int):
             binding = self.session.io_binding()
@@ -694,7 +754,7 @@ class OnnxMiner:
             try:
                 self.session.run_with_iobinding(binding)
             except Exception as err:
-                self._raise_if_out_of_memory(err, e - s, m, int(emb_shape[1]))
+                self._raise_if_out_of_memory(err, e - s, m, int(emb_shape[1]), return_raw)
                 raise
             binding.synchronize_outputs()
             outs = binding.get_outputs()
