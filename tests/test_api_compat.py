@@ -211,6 +211,12 @@ def test_mine_arity_is_answered_per_function():
         with pytest.raises(ValueError, match="takes no reference set"):
             Two()(x, y, r, ry)
     assert base_miner._TAKES_TWO[Four.mine] is False and base_miner._TAKES_TWO[Two.mine] is True
+    import gc
+    import weakref
+    fn = weakref.ref(Two.mine)
+    del Two
+    gc.collect()
+    assert fn() is None    # the cache does not keep a class made on the fly alive
     m = Four()
     m.mine = lambda embeddings, labels: lmu.get_all_triplets_indices(labels)
     with pytest.raises(ValueError, match="takes no reference set"):

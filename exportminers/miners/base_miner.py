@@ -20,6 +20,7 @@ The built-in miners derive from the kernel bases below instead. Each supplies
 what :func:`exportminers.export_onnx` exports and the same layout is what
 :class:`exportminers.OnnxMiner` decodes.
 """
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -72,7 +73,9 @@ def resolve_distance(distance, default: BaseDistance, normalize_embeddings: Opti
     return type(default)(normalize_embeddings=norm, p=default.p, power=default.power)
 
 
-_TAKES_TWO = {}   # function behind a bound ``mine`` -> _takes_two's answer
+# function behind a bound ``mine`` -> _takes_two's answer (weak: classes made on the fly
+# do not accumulate)
+_TAKES_TWO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _takes_two(method) -> bool:
@@ -81,8 +84,11 @@ def _takes_two(method) -> bool:
     Bound methods are answered once per function (``inspect.signature`` costs about 11 us,
     a large share of a small miner call); other callables are inspected each time."""
     func = getattr(method, "__func__", None)
-    if func is not None and func in _TAKES_TWO:
-        return _TAKES_TWO[func]
+    try:
+        if func is not None and func in _TAKES_TWO:
+            return _TAKES_TWO[func]
+    except TypeError:   # not weakly referenceable
+        func = None
     import inspect
     try:
         params = list(inspect.signature(method).parameters.values())
