@@ -594,7 +594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 export_results[name] = res
                 log(f"[bench] export {name}: {res['status']}"
                     + (f" ({res.get('export_s')} s" + (
-                        f"; with the anchor-block graph for N={res['blocks_for']}"
+                        f"; the anchor-block graph for N={res['blocks_for']}: "
+                        f"{res.get('blocks_export_s')} s"
                         if res.get("blocks_for") else "") + ")" if res["status"] == "ok"
                        else f" - {res.get('reason')}"))
     rows: List[Dict[str, Any]] = list(decided)

@@ -51,6 +51,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
+from exportminers.runtime import metadata as md
+
 from . import common
 
 
@@ -78,21 +80,33 @@ def run_export(task: Dict[str, Any]) -> Dict[str, Any]:
     ``sizes``, also its ``anchor_blocks=True`` graph (``blocks_path``), which the rows at
     those sizes use: OnnxMiner mines it in anchor blocks (see :func:`pick_graph`)."""
     import exportminers
-    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS, OnnxMiner
+    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS
     miner = common.build_ours(task["miner"], task["config"])
     t0 = time.perf_counter()
     exportminers.export_onnx(miner, task["path"], embedding_dim=task["d"], with_ref=False)
-    out = {"status": "ok", "path": task["path"]}
-    om = OnnxMiner(task["path"], providers=["CPUExecutionProvider"])
+    out = {"status": "ok", "path": task["path"], "export_s": round(time.perf_counter() - t0, 3)}
+    meta = graph_metadata(task["path"])
     too_big = [n for n in task.get("sizes", [])
-               if om.largest_tensor_elements(n, n, task["d"]) > CUDA_MAX_ELEMENTS]
-    if too_big and om.row_independent and task.get("blocks_path"):
+               if largest_elements(meta, n, task["d"]) > CUDA_MAX_ELEMENTS]
+    if too_big and meta.get(md.ROW_INDEPENDENT) and task.get("blocks_path"):
+        t1 = time.perf_counter()
         exportminers.export_onnx(miner, task["blocks_path"], embedding_dim=task["d"],
                                  anchor_blocks=True)
-        out["blocks_path"] = task["blocks_path"]
-        out["blocks_for"] = too_big
-    out["export_s"] = round(time.perf_counter() - t0, 3)
+        out.update(blocks_path=task["blocks_path"], blocks_for=too_big,
+                   blocks_export_s=round(time.perf_counter() - t1, 3))
     return out
+
+
+def graph_metadata(path: str) -> Dict[str, Any]:
+    """An exported graph's exportminers metadata, read from the file (no session)."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    return md.decode({p.key: p.value for p in model.metadata_props}, path)
+
+
+def largest_elements(meta: Dict[str, Any], n: int, d: int) -> int:
+    """Most elements of any tensor a self-mining graph computes for a batch of ``n``."""
+    return md.largest_elements(meta.get(md.LARGEST_TENSORS) or [], {"N": n, "M": n, "D": d})
 
 
 def pick_graph(task: Dict[str, Any], n: int) -> str:
@@ -101,16 +115,16 @@ def pick_graph(task: Dict[str, Any], n: int) -> str:
     miners: N^3), the anchor-block graph, mined in blocks as OnnxMiner does by itself
     (below 2^31 - 1 elements a block on the CUDA EP, ``CPU_BLOCK_ELEMENTS`` on the CPU).
     Fixed-shape (raw) rows are one run by definition: skipped there."""
-    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS, OnnxMiner
-    dense = OnnxMiner(task["onnx_path"], providers=["CPUExecutionProvider"])
-    largest = dense.largest_tensor_elements(n, n, task["d"])
+    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS
+    largest = largest_elements(graph_metadata(task["onnx_path"]), n, task["d"])
     if largest <= CUDA_MAX_ELEMENTS:
         return task["onnx_path"]
     if task["impl"].endswith("_raw"):
         raise RowSkipped(
             f"fixed-shape outputs are one run's, and one run at N={n} computes a tensor of "
-            f"{largest:,} elements (beyond 2^31 - 1, ONNX Runtime's CUDA limit); the decoded "
-            f"row mines it in anchor blocks")
+            f"{largest:,} elements, beyond 2^31 - 1 (ONNX Runtime's CUDA limit, applied to "
+            f"the CPU rows too so that both tables run the same graphs); the decoded row "
+            f"mines it in anchor blocks")
     if not task.get("onnx_blocks_path"):
         raise RowSkipped(
             f"one run at N={n} computes a tensor of {largest:,} elements (beyond 2^31 - 1) "
