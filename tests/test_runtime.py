@@ -671,6 +671,37 @@ def test_joining_blocks_lets_go_of_each_piece():
         assert all(np.asarray(g).dtype == np.int64 for g in got)
 
 
+def test_reference_labels_object_identity_warns():
+    """PML keys its no-(i, i) rule on ``ref_labels is labels``; a graph cannot see object
+    identity, so passing the very labels object to a with_ref graph warns (once per call
+    site), a copy does not, and the result is the distinct-reference-set one."""
+    import warnings
+    miner, path = onnx_graph_cache.graph("TripletMarginMiner", 3, with_ref=True)   # easy
+    assert miner.type_of_triplets == "easy"
+    om = OnnxMiner(path, providers=CPU)
+    b = random_batch(10, D, seed=19)
+    x, y = b["embeddings"], b["labels"]
+    with pytest.warns(UserWarning, match=r"ref_labels is the labels object itself.*labels\.copy\(\)"):
+        same = om(x, y, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copied = om(x, y, x.copy(), y.copy())
+        _, self_path = onnx_graph_cache.graph("TripletMarginMiner")
+        OnnxMiner(self_path, providers=CPU)(x, y)
+    assert _same(same, copied)
+    distinct = {"embeddings": x, "labels": y, "ref_emb": x.copy(), "ref_labels": y.copy()}
+    assert as_multisets(copied, "triplets") == \
+        as_multisets(eager_tuples(miner, distinct), "triplets")
+    assert any(int(a) == int(p) for a, p in zip(copied[0], copied[1]))   # (i, i) pairs occur
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    eager_same = [t.numpy() for t in miner(tx, ty, tx, ty)]
+    assert not any(int(a) == int(p) for a, p in zip(*eager_same[:2]))    # not in eager's
+    if hasattr(ort.OrtValue, "from_dlpack"):
+        with pytest.warns(UserWarning, match="ref_labels is the labels object itself"):
+            t = torch.from_numpy(y)
+            om(torch.from_numpy(x), t, torch.from_numpy(x), t)
+
+
 def test_row_independence_flags():
     assert export.ROW_INDEPENDENT.isdisjoint({"HDCMiner", "UniformHistogramMiner",
                                               "DistanceWeightedMiner", "MaximumLossMiner"})

@@ -99,6 +99,17 @@ def _strict_gpu(session_options) -> bool:
         return False
 
 
+def _warn_identity() -> None:
+    import warnings
+    warnings.warn(
+        "ref_labels is the labels object itself: PML and the eager miners then never pair "
+        "row i with reference row i (and self-mine when ref_emb is also the embeddings), "
+        "but an ONNX graph sees arrays, not objects, and mines the reference set as distinct "
+        "rows, so (i, i) pairs can appear. Pass a copy (labels.copy()) to mean a distinct "
+        "reference set, or self-mine with a graph exported without with_ref.",
+        UserWarning, stacklevel=3)
+
+
 def _np_empty(n: int, like: np.ndarray) -> np.ndarray:
     return np.empty(n, dtype=like.dtype)
 
@@ -414,6 +425,8 @@ class OnnxMiner:
         for value, name in ((embeddings, "embeddings"), (labels, "labels")):
             if value is None:
                 raise ValueError(f"{name} is required, got None")
+        if ref_labels is not None and ref_labels is labels and self.with_ref:
+            _warn_identity()
         if not _is_host(embeddings):
             return self._call_bound(embeddings, labels, ref_emb, ref_labels, seed, noise,
                                     return_raw, device_output)
