@@ -217,6 +217,15 @@ def test_mine_arity_is_answered_per_function():
     del Two
     gc.collect()
     assert fn() is None    # the cache does not keep a class made on the fly alive
+
+    class Slotted:         # a method whose function cannot be weakly referenced
+        __slots__ = ()
+
+        def __call__(self, owner, embeddings, labels):
+            return None
+
+    import types
+    assert base_miner._takes_two(types.MethodType(Slotted(), object())) is True
     m = Four()
     m.mine = lambda embeddings, labels: lmu.get_all_triplets_indices(labels)
     with pytest.raises(ValueError, match="takes no reference set"):

@@ -559,13 +559,25 @@ def test_cpu_default_blocks_respect_tensors_every_run_computes(monkeypatch):
 
 
 def test_memory_limit_reads_the_cgroup(tmp_path):
+    """The memory guard's limit: the lowest memory limit on this process's cgroup and its
+    parents (v2 memory.max, v1 memory.limit_in_bytes), "max" and v1's huge number
+    meaning none."""
     from exportminers.runtime.onnx_miner import _cgroup_limit, physical_memory_bytes
-    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
-    v2.write_text("max\n")
-    v1.write_text("9223372036854771712\n")           # cgroup v1's "no limit"
-    assert _cgroup_limit([str(v2), str(v1)]) is None
-    v2.write_text("1073741824\n")
-    assert _cgroup_limit([str(tmp_path / "absent"), str(v2)]) == 2 ** 30
+    root, proc = tmp_path / "cg", tmp_path / "cgroup"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "memory.max").write_text("max\n")
+    (root / "a" / "memory.max").write_text("1073741824\n")
+    proc.write_text("0::/a/b\n")
+    assert _cgroup_limit(str(proc), str(root)) == 2 ** 30      # the parent's limit
+    (root / "a" / "b" / "memory.max").write_text("536870912\n")
+    assert _cgroup_limit(str(proc), str(root)) == 2 ** 29      # the lower one wins
+    (root / "memory" / "job").mkdir(parents=True)
+    (root / "memory" / "job" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    proc.write_text("4:memory:/job\n1:cpu:/job\n")
+    assert _cgroup_limit(str(proc), str(root)) is None
+    (root / "memory" / "memory.limit_in_bytes").write_text("3221225472\n")
+    assert _cgroup_limit(str(proc), str(root)) == 3 * 2 ** 30
+    assert _cgroup_limit(str(tmp_path / "absent"), str(root)) is None
     total = physical_memory_bytes()
     assert total is not None and total > 2 ** 28
 
@@ -681,8 +693,13 @@ def test_reference_labels_object_identity_warns():
     om = OnnxMiner(path, providers=CPU)
     b = random_batch(10, D, seed=19)
     x, y = b["embeddings"], b["labels"]
-    with pytest.warns(UserWarning, match=r"ref_labels is the labels object itself.*labels\.copy\(\)"):
+    with pytest.warns(UserWarning, match=r"ref_labels is the labels object itself.*labels\.copy\(\)") as rec:
         same = om(x, y, x, y)
+    assert rec[0].filename == __file__       # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # a call refused by validation does not warn
+        with pytest.raises(ValueError, match="ref_emb"):
+            om(x, y, None, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copied = om(x, y, x.copy(), y.copy())
@@ -697,9 +714,10 @@ def test_reference_labels_object_identity_warns():
     eager_same = [t.numpy() for t in miner(tx, ty, tx, ty)]
     assert not any(int(a) == int(p) for a, p in zip(*eager_same[:2]))    # not in eager's
     if hasattr(ort.OrtValue, "from_dlpack"):
-        with pytest.warns(UserWarning, match="ref_labels is the labels object itself"):
-            t = torch.from_numpy(y)
+        t = torch.from_numpy(y)
+        with pytest.warns(UserWarning, match="ref_labels is the labels object itself") as rec:
             om(torch.from_numpy(x), t, torch.from_numpy(x), t)
+        assert rec[0].filename == __file__
 
 
 def test_row_independence_flags():

@@ -84,11 +84,13 @@ def _takes_two(method) -> bool:
     Bound methods are answered once per function (``inspect.signature`` costs about 11 us,
     a large share of a small miner call); other callables are inspected each time."""
     func = getattr(method, "__func__", None)
-    try:
-        if func is not None and func in _TAKES_TWO:
-            return _TAKES_TWO[func]
-    except TypeError:   # not weakly referenceable
-        func = None
+    if func is not None:
+        try:
+            cached = _TAKES_TWO.get(func)
+        except TypeError:   # not hashable or not weakly referenceable: inspect each call
+            func, cached = None, None
+        if cached is not None:
+            return cached
     import inspect
     try:
         params = list(inspect.signature(method).parameters.values())
@@ -98,7 +100,10 @@ def _takes_two(method) -> bool:
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         answer = len(positional) == 2 and not any(p.kind == p.VAR_POSITIONAL for p in params)
     if func is not None:
-        _TAKES_TWO[func] = answer
+        try:
+            _TAKES_TWO[func] = answer
+        except TypeError:
+            pass
     return answer
 
 

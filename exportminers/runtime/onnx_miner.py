@@ -11,6 +11,7 @@ Example:
     >>> a, p, n = om(embeddings, labels)                  # numpy int64 arrays
     >>> raw = om(embeddings, labels, return_raw=True)     # the fixed-shape outputs
 """
+import functools
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -48,26 +49,53 @@ _OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc|
 CPU_BLOCK_ELEMENTS = 2 ** 28
 
 
-_CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+_CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-def _cgroup_limit(paths: Sequence[str] = _CGROUP_FILES) -> Optional[int]:
-    """The memory limit of this process's cgroup (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), None where there is none or it cannot be read."""
-    for path in paths:
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < 2 ** 60:   # "max" or a huge number: none
-            return int(text)
+def _read_limit(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text.isdigit() and 0 < int(text) < 2 ** 60:   # "max" or a huge number: no limit
+        return int(text)
     return None
 
 
+def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = _CGROUP_ROOT) -> Optional[int]:
+    """The lowest memory limit on this process's cgroup and its parents (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), None where there is none or it
+    cannot be read."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1], parts[2].strip("/")
+        if controllers == "":                       # cgroup v2
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):    # cgroup v1 memory controller
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        pieces = [p for p in path.split("/") if p]
+        for k in range(len(pieces), -1, -1):        # this cgroup, then each parent
+            limit = _read_limit(os.path.join(base, *pieces[:k], name))
+            if limit is not None:
+                limits.append(limit)
+    return min(limits) if limits else None
+
+
+@functools.lru_cache(maxsize=1)
 def physical_memory_bytes() -> Optional[int]:
     """The memory this process may use, in bytes: the machine's physical memory, or its
-    cgroup's limit where lower (None where the OS says neither)."""
+    cgroup's limit where lower (None where the OS says neither). Read once per process."""
     total = None
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -99,7 +127,9 @@ def _strict_gpu(session_options) -> bool:
         return False
 
 
-def _warn_identity() -> None:
+def _warn_identity(stacklevel: int) -> None:
+    """Warn about ``ref_labels is labels``; ``stacklevel``: frames from the warning's
+    caller up to the user's call (2 from ``__call__``, 3 from ``_call_bound``)."""
     import warnings
     warnings.warn(
         "ref_labels is the labels object itself: PML and the eager miners then never pair "
@@ -107,7 +137,7 @@ def _warn_identity() -> None:
         "but an ONNX graph sees arrays, not objects, and mines the reference set as distinct "
         "rows, so (i, i) pairs can appear. Pass a copy (labels.copy()) to mean a distinct "
         "reference set, or self-mine with a graph exported without with_ref.",
-        UserWarning, stacklevel=3)
+        UserWarning, stacklevel=stacklevel + 1)
 
 
 def _np_empty(n: int, like: np.ndarray) -> np.ndarray:
@@ -181,7 +211,8 @@ class OnnxMiner:
         max_block_elements: instead of ``chunk_size``, choose the block so that the
             largest tensor the graph computes stays within this many elements. Without
             either, chunkable graphs are cut on their own (2^31 - 1 elements a block on
-            the CUDA EP, :data:`CPU_BLOCK_ELEMENTS` on the CPU EP).
+            the CUDA EP, :data:`CPU_BLOCK_ELEMENTS` or a larger tensor every run computes
+            anyway on the CPU EP).
         check_finite: reject NaN/inf embeddings (default: as the exported miner).
         provider_options: passed to ``InferenceSession``.
 
@@ -206,7 +237,8 @@ class OnnxMiner:
     the process's CUDA context unusable): chunkable graphs are then mined in anchor
     blocks automatically, other calls that would exceed it raise ``ValueError`` first.
     On the CPU EP, chunkable graphs called without ``chunk_size`` /
-    ``max_block_elements`` are mined in blocks within :data:`CPU_BLOCK_ELEMENTS`, and a
+    ``max_block_elements`` are mined in blocks within :data:`CPU_BLOCK_ELEMENTS` (or
+    within a larger tensor every run computes anyway), and a
     call whose largest tensor has more elements than the machine (or its cgroup) has
     bytes of memory raises ``ValueError`` first. ONNX Runtime failing to allocate a run's memory is a
     ``MemoryError`` that says what ran and how to make it smaller.
@@ -284,6 +316,7 @@ class OnnxMiner:
             if "noise" in graph_inputs else None
         self.providers: List[str] = self.session.get_providers()
         self.on_cuda: bool = self.providers[0] == "CUDAExecutionProvider"
+        self.on_cpu: bool = self.providers[0] == "CPUExecutionProvider"
         self._rng = np.random.default_rng(_check_seed(seed))
         self.chunk_size = _positive_int_or_none(chunk_size, "chunk_size")
         self.max_block_elements = _positive_int_or_none(max_block_elements, "max_block_elements")
@@ -368,7 +401,7 @@ class OnnxMiner:
         bytes of memory, a certain failure as every element takes at least a byte
         (chunkable graphs are then cut to the default CPU blocks). ``return_raw`` is
         one run."""
-        on_cpu = bool(self.providers) and self.providers[0] == "CPUExecutionProvider"
+        on_cpu = self.on_cpu
         per = n
         if self.chunk_size is not None:
             per = min(n, self.chunk_size)
@@ -384,8 +417,8 @@ class OnnxMiner:
             limit = physical_memory_bytes()
             if limit is None:
                 return per
-            what = (f"bytes of memory this machine has ({limit / 2 ** 30:.1f} GiB; every "
-                    f"element takes at least one byte)")
+            what = (f"bytes of memory this process may use ({limit / 2 ** 30:.1f} GiB, the "
+                    f"machine's or its cgroup's; every element takes at least one byte)")
         else:   # other execution providers: their limits are not known here
             return per
         fit = self._rows_within(n, m, d, limit)
@@ -425,17 +458,18 @@ class OnnxMiner:
         for value, name in ((embeddings, "embeddings"), (labels, "labels")):
             if value is None:
                 raise ValueError(f"{name} is required, got None")
-        if ref_labels is not None and ref_labels is labels and self.with_ref:
-            _warn_identity()
+        same_labels = ref_labels is not None and ref_labels is labels and self.with_ref
         if not _is_host(embeddings):
             return self._call_bound(embeddings, labels, ref_emb, ref_labels, seed, noise,
-                                    return_raw, device_output)
+                                    return_raw, device_output, same_labels)
         if device_output:
             raise ValueError("device_output=True needs device-resident (torch) inputs; "
                              "numpy inputs give numpy outputs")
         emb, lab, ref, ref_lab = checks_np.check_inputs(
             embeddings, labels, ref_emb, ref_labels, self.check_finite)
         self._check_graph_args(emb.shape, ref is not None)
+        if same_labels:
+            _warn_identity(stacklevel=2)
         # values beyond a narrower graph type's range (float64 -> float32, -> float16)
         narrowing = self.check_finite and emb.dtype.itemsize > self.dtype.itemsize
         ref_narrowing = self.check_finite and ref is not None and \
@@ -704,7 +738,7 @@ class OnnxMiner:
         return (value, ov)
 
     def _call_bound(self, embeddings, labels, ref_emb, ref_labels, seed, noise,
-                    return_raw: bool, device_output: bool):
+                    return_raw: bool, device_output: bool, same_labels: bool = False):
         import onnxruntime as ort
         if not compat.has_dlpack(ort):
             raise ValueError(
@@ -722,6 +756,8 @@ class OnnxMiner:
         m = n if ref is None else int(ref_shape[0])
         ref_lab, _, _ = self._prepare_bound(ref_labels, "ref_labels", False, m, "ref_emb")
         self._check_graph_args(emb_shape, ref is not None)
+        if same_labels:
+            _warn_identity(stacklevel=3)
         torch_in = _is_torch(emb)
         if device_output and not torch_in:
             raise ValueError("device_output=True decodes with torch: pass torch tensors")
