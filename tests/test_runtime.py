@@ -558,6 +558,16 @@ def test_cpu_default_blocks_respect_tensors_every_run_computes(monkeypatch):
             OnnxMiner(path, providers=CPU, chunk_size=5)(*as_ort)
 
 
+def test_largest_tensor_sizes_are_remembered_within_a_bound():
+    _, path = onnx_graph_cache.graph("TripletMarginMiner", anchor_blocks=True)
+    om = OnnxMiner(path, providers=CPU)
+    for n in range(1, 600):
+        want = md.largest_elements(om.largest_tensors, {"N": n, "M": 2 * n, "D": D})
+        assert om.largest_tensor_elements(n, 2 * n, D) == want >= n * 4 * n * n   # [N, M, M]
+        assert om.largest_tensor_elements(n, 2 * n, D) == want   # remembered
+        assert len(om._largest_seen) <= 256
+
+
 def test_memory_limit_reads_the_cgroup(tmp_path):
     """The memory guard's limit: the lowest memory limit on this process's cgroup and its
     parents (v2 memory.max, v1 memory.limit_in_bytes), "max" and v1's huge number

@@ -318,6 +318,7 @@ class OnnxMiner:
         self.on_cuda: bool = self.providers[0] == "CUDAExecutionProvider"
         self.on_cpu: bool = self.providers[0] == "CPUExecutionProvider"
         self._rng = np.random.default_rng(_check_seed(seed))
+        self._largest_seen: Dict[Any, int] = {}
         self.chunk_size = _positive_int_or_none(chunk_size, "chunk_size")
         self.max_block_elements = _positive_int_or_none(max_block_elements, "max_block_elements")
         if self.chunk_size is not None and self.max_block_elements is not None:
@@ -364,8 +365,16 @@ class OnnxMiner:
 
     def largest_tensor_elements(self, n: int, m: int, d: int) -> int:
         """Most elements of any tensor the graph computes for ``n`` anchors, ``m``
-        references (= ``n`` when self-mining) and width ``d``."""
-        return md.largest_elements(self.largest_tensors, {"N": n, "M": m, "D": d})
+        references (= ``n`` when self-mining) and width ``d``. Remembered per sizes (a
+        training loop repeats them; evaluating the shapes costs a few us a call)."""
+        key = (n, m, d)
+        found = self._largest_seen.get(key)
+        if found is None:
+            found = md.largest_elements(self.largest_tensors, {"N": n, "M": m, "D": d})
+            if len(self._largest_seen) >= 256:
+                self._largest_seen.clear()
+            self._largest_seen[key] = found
+        return found
 
     def _rows_within(self, n: int, m: int, d: int, budget: int) -> int:
         """Most anchor rows (at most ``n``) whose largest tensor fits ``budget``; 0 if
