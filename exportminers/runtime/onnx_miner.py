@@ -43,9 +43,9 @@ _OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|out of memory|bad_alloc|
 # On the CPU EP, a chunkable graph (``OnnxMiner.chunkable``) called without chunk_size /
 # max_block_elements is mined in anchor blocks whose largest tensor stays within this many
 # elements (or within a larger tensor that every run computes anyway): the same result,
-# less memory, no loss of speed. Measured on 2 cores (one
-# thread, d = 128): the TripletMarginMiner anchor-block graph at N = 1024 took 267 ms in
-# blocks of 256 rows against 279 ms in one run, at 772 against 1,586 MB peak RSS.
+# less memory, no loss of speed. Measured on 2 cores (one thread, d = 128): the
+# TripletMarginMiner anchor-block graph at N = 1024 took 267 ms in blocks of 256 rows
+# against 279 ms in one run, at 772 against 1,586 MB peak RSS.
 CPU_BLOCK_ELEMENTS = 2 ** 28
 
 
@@ -238,9 +238,9 @@ class OnnxMiner:
     blocks automatically, other calls that would exceed it raise ``ValueError`` first.
     On the CPU EP, chunkable graphs called without ``chunk_size`` /
     ``max_block_elements`` are mined in blocks within :data:`CPU_BLOCK_ELEMENTS` (or
-    within a larger tensor every run computes anyway), and a
-    call whose largest tensor has more elements than the machine (or its cgroup) has
-    bytes of memory raises ``ValueError`` first. ONNX Runtime failing to allocate a run's memory is a
+    within a larger tensor every run computes anyway), and a call whose largest tensor
+    has more elements than the process may use bytes (:func:`physical_memory_bytes`)
+    raises ``ValueError`` first. ONNX Runtime failing to allocate a run's memory is a
     ``MemoryError`` that says what ran and how to make it smaller.
     """
 
@@ -406,10 +406,10 @@ class OnnxMiner:
         within :meth:`_soft_budget`. Then the hard limits, checked before anything runs
         (``ValueError`` where a block of one run cannot meet them): on the CUDA EP no
         tensor beyond :data:`CUDA_MAX_ELEMENTS` (chunkable graphs are cut below it), on
-        the CPU EP no tensor with more elements than the machine (or its cgroup) has
-        bytes of memory, a certain failure as every element takes at least a byte
-        (chunkable graphs are then cut to the default CPU blocks). ``return_raw`` is
-        one run."""
+        the CPU EP no tensor with more elements than the process may use bytes
+        (:func:`physical_memory_bytes`), a certain failure as every element takes at
+        least a byte (chunkable graphs are then cut to the default CPU blocks).
+        ``return_raw`` is one run."""
         on_cpu = self.on_cpu
         per = n
         if self.chunk_size is not None:
