@@ -140,6 +140,11 @@ def _warn_identity(stacklevel: int) -> None:
         UserWarning, stacklevel=stacklevel + 1)
 
 
+def _sliceable(x) -> bool:
+    """Inputs that anchor blocks of a with_ref graph can slice: torch tensors, numpy."""
+    return _is_torch(x) or isinstance(x, np.ndarray)
+
+
 def _np_empty(n: int, like: np.ndarray) -> np.ndarray:
     return np.empty(n, dtype=like.dtype)
 
@@ -410,19 +415,18 @@ class OnnxMiner:
         (:func:`physical_memory_bytes`), a certain failure as every element takes at
         least a byte (chunkable graphs are then cut to the default CPU blocks).
         ``return_raw`` is one run."""
-        on_cpu = self.on_cpu
         per = n
         if self.chunk_size is not None:
             per = min(n, self.chunk_size)
         elif self.max_block_elements is not None:
             per = max(1, self._rows_within(n, m, d, self.max_block_elements))
-        elif on_cpu and auto and self.chunkable and not return_raw:
+        elif self.on_cpu and auto and self.chunkable and not return_raw:
             per = max(1, self._rows_within(n, m, d, self._soft_budget(m, d)))
         if self.on_cuda:
             limit = CUDA_MAX_ELEMENTS
             what = "that ONNX Runtime's CUDA kernels handle (a larger one fails and leaves " \
                    "the process's CUDA context unusable)"
-        elif on_cpu:
+        elif self.on_cpu:
             limit = physical_memory_bytes()
             if limit is None:
                 return per
@@ -778,15 +782,14 @@ class OnnxMiner:
         dev_type, dev_id = emb.__dlpack_device__()
         out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
         # anchor blocks of a with_ref graph slice the inputs: torch tensors and numpy only
-        sliceable = self.anchor_blocks or all(_is_torch(v) or isinstance(v, np.ndarray)
-                                              for v in (emb, lab))
+        sliceable = self.anchor_blocks or all(_sliceable(v) for v in (emb, lab))
         per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw, auto=sliceable)
         if per < n and not sliceable:
             why = ("chunk_size" if self.chunk_size is not None else "max_block_elements"
                    if self.max_block_elements is not None else
                    "the CUDA EP's 2^31-element limit" if self.on_cuda else "the memory limit")
             for what, v in (("embeddings", emb), ("labels", lab)):
-                if not (_is_torch(v) or isinstance(v, np.ndarray)):
+                if not _sliceable(v):
                     raise ValueError(
                         f"{what}: mining in anchor blocks ({per} of {n} rows a run, for {why}) "
                         "slices the inputs, which works for torch tensors and numpy arrays "
