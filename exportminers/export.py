@@ -137,6 +137,30 @@ class _AnchorGraph(_KernelGraph):
         return self._finish(list(out))
 
 
+class _SelfGatherGraph(_KernelGraph):
+    """Self-mining over listed positives (``gather_positives=True``)."""
+
+    def forward(self, embeddings: Tensor, labels: Tensor, positive_index: Tensor):
+        return self._finish(list(self.miner.gather_kernel(embeddings, labels, None, None,
+                                                          positive_index)))
+
+
+class _AnchorGatherGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor, anchor_index: Tensor,
+                positive_index: Tensor):
+        out = self.miner.gather_kernel(embeddings.index_select(0, anchor_index),
+                                       labels.index_select(0, anchor_index), embeddings,
+                                       labels, positive_index, anchor_ids=anchor_index)
+        return self._finish(list(out))
+
+
+class _RefGatherGraph(_KernelGraph):
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor,
+                positive_index: Tensor):
+        return self._finish(list(self.miner.gather_kernel(embeddings, labels, ref_emb,
+                                                          ref_labels, positive_index)))
+
+
 class _RefGraph(_KernelGraph):
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor):
         return self._run(embeddings, labels, ref_emb, ref_labels, None)
@@ -261,9 +285,10 @@ def _output_kind(miner: nn.Module, n_fields: int) -> str:
     return kinds[n_fields]
 
 
-def _dim_spec(values: Sequence[Sequence[int]], probes, with_ref: bool) -> List[Any]:
-    """Name each dim: "N" / "M" when it follows the probe sizes, an int when constant,
-    "?" otherwise."""
+def _dim_spec(values: Sequence[Sequence[int]], probes, with_ref: bool,
+              widths: Optional[Sequence[int]] = None) -> List[Any]:
+    """Name each dim: "N" / "M" (/ "P", the ``positive_index`` width ``widths``) when it
+    follows the probe sizes, an int when constant, "?" otherwise."""
     spec: List[Any] = []
     for k in range(len(values[0])):
         vals = [v[k] for v in values]
@@ -271,6 +296,8 @@ def _dim_spec(values: Sequence[Sequence[int]], probes, with_ref: bool) -> List[A
             spec.append("N")
         elif with_ref and all(v == m for v, (n, m) in zip(vals, probes)):
             spec.append("M")
+        elif widths is not None and all(v == w for v, w in zip(vals, widths)):
+            spec.append("P")
         elif all(v == vals[0] for v in vals):
             spec.append(int(vals[0]))
         else:
@@ -301,17 +328,30 @@ def _resolve(spec: List[Any], n: int, m: int) -> List[int]:
 
 def _example_inputs(miner: nn.Module, n: int, m: int, d: int, dtype: torch.dtype,
                     with_ref: bool, nspec: List[Any], seed: int = 0,
-                    anchors: bool = False) -> List[Tensor]:
+                    anchors: bool = False, gather_width: int = 0) -> List[Tensor]:
+    """Random example inputs; ``gather_width`` > 0 appends a ``positive_index`` padded
+    to that many slots (at least the most positives of any anchor)."""
     g = torch.Generator().manual_seed(seed)
     if anchors:   # the batch has m rows, n of them are the anchors
-        return [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g),
+        args = [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g),
                 torch.randperm(m, generator=g)[:n]]
-    args = [torch.randn(n, d, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)]
+    else:
+        args = [torch.randn(n, d, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)]
     if with_ref:
         args += [torch.randn(m, d, generator=g).to(dtype), torch.randint(0, 3, (m,), generator=g)]
     if nspec:
         args.append(torch.rand(_resolve(nspec, n, m if with_ref else n), generator=g,
                                dtype=torch.float64))
+    if gather_width:
+        from .runtime.positives import positive_index
+        lists = positive_index(args[1].numpy(), args[3].numpy() if with_ref else None,
+                               args[2].numpy() if anchors else None)
+        if lists.shape[1] > gather_width:
+            raise AssertionError(f"example positive lists are {lists.shape[1]} wide, more "
+                                 f"than {gather_width}")
+        padded = torch.full((lists.shape[0], gather_width), -1, dtype=torch.int64)
+        padded[:, :lists.shape[1]] = torch.from_numpy(lists)
+        args.append(padded)
     return args
 
 
@@ -387,7 +427,10 @@ def largest_tensors(model) -> List[List[Any]]:
 
 
 def _graph_module(miner: nn.Module, with_ref: bool, noisy: bool, compact: bool,
-                  anchors: bool = False) -> _KernelGraph:
+                  anchors: bool = False, gather: bool = False) -> _KernelGraph:
+    if gather:
+        cls = _AnchorGatherGraph if anchors else _RefGatherGraph if with_ref else _SelfGatherGraph
+        return cls(miner, compact)
     if anchors:
         return _AnchorGraph(miner, compact)
     cls = {(False, False): _SelfGraph, (False, True): _SelfNoiseGraph,
@@ -481,7 +524,8 @@ def _quiet_exporter():
 def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 embedding_dim: Optional[int] = None, with_ref: bool = False,
                 dtype: torch.dtype = torch.float32, opset: Optional[int] = None,
-                compact: bool = False, anchor_blocks: bool = False) -> str:
+                compact: bool = False, anchor_blocks: bool = False,
+                gather_positives: bool = False) -> str:
     """Export a built-in miner's kernel to an ONNX graph with dynamic batch axes.
 
     Args:
@@ -505,6 +549,17 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
             outputs' anchor axis follows ``anchor_index``. :class:`OnnxMiner` uses it to
             self-mine batches in blocks (``chunk_size``, ``max_block_elements``, and on
             the CUDA EP automatically below 2^31 elements per tensor).
+        gather_positives: test each anchor's positives against every negative, [N, P, M]
+            candidates (P = the most positives of any anchor) instead of [N, M, M], as
+            the eager miners do: far smaller and faster graphs when classes are small
+            (TripletMarginMiner without a cap, AngularMiner). P depends on the labels, so
+            the graph takes one more input, ``positive_index`` Tensor[N, P] int64: each
+            anchor's positive columns in increasing order, padded with -1
+            (:func:`exportminers.runtime.positives.positive_index`, which
+            :class:`OnnxMiner` calls itself). The graph checks the list: its output
+            ``unmatched_positives`` Tensor[N] counts each anchor's positives the list
+            misses (nonzero: a wrong list, whose triplets would be missing). Combines with
+            ``with_ref`` and ``anchor_blocks``, not with ``compact``.
 
     Graph inputs: ``embeddings`` Tensor[N, D] (``dtype``), ``labels`` Tensor[N] int64;
     with ``with_ref``: ``ref_emb`` Tensor[M, D], ``ref_labels`` Tensor[M] int64; with
@@ -538,7 +593,7 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
             raise ValueError(
                 f"miner: {name} has no {attr!r}; only built-in (kernel + layout) miners export")
     for flag, value in (("with_ref", with_ref), ("compact", compact),
-                        ("anchor_blocks", anchor_blocks)):
+                        ("anchor_blocks", anchor_blocks), ("gather_positives", gather_positives)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     if not isinstance(path, (str, os.PathLike)):
@@ -570,6 +625,19 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     if anchors and not _row_independent(miner):
         raise ValueError(f"anchor_blocks: {name} does not mine each anchor row independently "
                          f"(or draws noise), so it cannot be mined in anchor blocks")
+    gather = bool(gather_positives)
+    if gather:
+        takes = getattr(miner, "gathers_positives", None)
+        if not (callable(takes) and takes()):
+            raise ValueError(
+                f"gather_positives: {name}"
+                + (" with max_triplets_per_anchor" if getattr(miner, "cap", 0) else "")
+                + " does not test (anchor, positive) pairs one by one against the negatives; "
+                "export it without gather_positives (TripletMarginMiner without a cap and "
+                "AngularMiner take it)")
+        if compact:
+            raise ValueError("gather_positives: not with compact=True (the graph's "
+                             "unmatched_positives check would be lost); decode with OnnxMiner")
     problem = getattr(miner, "export_problem", None)
     problem = problem() if callable(problem) else None
     if problem:
@@ -578,7 +646,8 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         warnings.warn(f"{name}: indices set with set_idx_externally are not exported; the "
                       f"graph mines every pair of the batch", stacklevel=2)
 
-    layout: List[List[int]] = [list(map(int, part)) for part in miner.layout]
+    layout: List[List[int]] = [[0, -1, 1, -3]] if gather else \
+        [list(map(int, part)) for part in miner.layout]
     n_fields = sum(len(part) - 1 for part in layout)
     kind = _output_kind(miner, n_fields)
     nspec = noise_spec(miner, with_ref)
@@ -590,21 +659,25 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     was_training = miner.training
     miner.eval()
     try:
-        eager_graph = _graph_module(miner, with_ref, noisy, False, anchors)
+        eager_graph = _graph_module(miner, with_ref, noisy, False, anchors, gather)
         # probe the kernel eagerly at two sizes: output count, dtypes and symbolic shapes
         probes = ((n_ex, m_ex), (n_ex + 3, m_ex + 3)) if sized else ((n_ex, n_ex), (n_ex + 3, n_ex + 3))
+        # positive_index widths unlike any other size, so the exporter keeps P its own axis
+        widths = [m + 5 + 2 * i for i, (n, m) in enumerate(probes)] if gather else None
         probe_shapes: List[List[List[int]]] = []
         with torch.no_grad():
             for i, (n, m) in enumerate(probes):
-                outs = eager_graph(*_example_inputs(miner, n, m, d, torch.float32, with_ref,
-                                                    nspec, seed=i, anchors=anchors))
+                outs = eager_graph(*_example_inputs(
+                    miner, n, m, d, torch.float32, with_ref, nspec, seed=i, anchors=anchors,
+                    gather_width=widths[i] if widths else 0))
                 probe_shapes.append([list(o.shape) for o in outs])
         out_dtypes = [o.dtype for o in outs]
-        out_shapes = [_dim_spec([p[k] for p in probe_shapes], probes, sized)
+        out_shapes = [_dim_spec([p[k] for p in probe_shapes], probes, sized, widths)
                       for k in range(len(out_dtypes))]
 
         input_names = ["embeddings", "labels"] + (["ref_emb", "ref_labels"] if with_ref else []) \
-            + (["anchor_index"] if anchors else []) + (["noise"] if noisy else [])
+            + (["anchor_index"] if anchors else []) + (["noise"] if noisy else []) \
+            + (["positive_index"] if gather else [])
         if compact:
             output_names = {"triplets": ["a", "p", "n"], "pairs": ["a1", "p", "a2", "n"],
                             "subset": ["indices"]}[kind]
@@ -621,7 +694,9 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 else:
                     output_names.append(f"out{k}")
             custom = getattr(miner, "output_names", None)
-            if isinstance(custom, (list, tuple)) and len(custom) == len(output_names):
+            if gather:
+                output_names = ["mask0", "index1", "unmatched_positives"]
+            elif isinstance(custom, (list, tuple)) and len(custom) == len(output_names):
                 output_names = [str(c) for c in custom]
 
         # An upper bound far beyond any batch: without one, torch 2.7's export emits a
@@ -649,9 +724,13 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
                 elif s == "M":
                     dims[k] = M
             dynamic_shapes["noise"] = dims or None
+        if gather:
+            dynamic_shapes["positive_index"] = {0: N, 1: torch.export.Dim("P", min=1,
+                                                                          max=_DIM_MAX)}
         args = tuple(_example_inputs(miner, n_ex, m_ex, d, dtype, with_ref, nspec,
-                                     anchors=anchors))
-        graph = _graph_module(miner, with_ref, noisy, compact, anchors)
+                                     anchors=anchors,
+                                     gather_width=(m_ex if sized else n_ex) + 5 if gather else 0))
+        graph = _graph_module(miner, with_ref, noisy, compact, anchors, gather)
         kwargs: Dict[str, Any] = {}
         kwargs["opset_version"] = DEFAULT_OPSET if opset is None else opset
         try:
@@ -702,6 +781,7 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         md.EMBEDDING_DIM: embedding_dim,
         md.ROW_INDEPENDENT: _row_independent(miner),
         md.ANCHOR_BLOCKS: anchors,
+        md.GATHER_POSITIVES: gather,
         md.LARGEST_TENSORS: largest_tensors(model),
         md.BATCH_MULTIPLE: int(BATCH_MULTIPLE.get(name, 1)),
         md.CHECK_FINITE: bool(getattr(miner, "check_finite", True)),

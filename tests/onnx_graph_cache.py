@@ -27,14 +27,17 @@ def _root() -> str:
 
 
 def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = torch.float32,
-          embedding_dim: Optional[int] = D, compact: bool = False, anchor_blocks: bool = False):
+          embedding_dim: Optional[int] = D, compact: bool = False, anchor_blocks: bool = False,
+          gather_positives: bool = False):
     """(miner, path) of registry miner ``name`` with its ``cfg``-th registry config."""
     cfg = cfg % len(registry.MINERS[name].configs)
-    key = (name, cfg, with_ref, dtype, embedding_dim, compact) + ((True,) if anchor_blocks else ())
+    key = (name, cfg, with_ref, dtype, embedding_dim, compact) + ((True,) if anchor_blocks else ()) \
+        + (("gather",) if gather_positives else ())
     if key not in _CACHE:
         miner = export.build_miner(name, registry.MINERS[name].configs[cfg])
         path = (f"{_root()}/{name}_{cfg}_{int(with_ref)}_{str(dtype)[6:]}_{embedding_dim}"
-                f"_{int(compact)}{'_anchors' if anchor_blocks else ''}.onnx")
+                f"_{int(compact)}{'_anchors' if anchor_blocks else ''}"
+                f"{'_gather' if gather_positives else ''}.onnx")
         # a kernel that fixes the batch axis fails every variant: don't export again
         fixed_n = [v[2] for k, v in _CACHE.items() if k[0] == name and v[2] is not None
                    and "embeddings.shape[0]" in str(v[2])]
@@ -43,7 +46,8 @@ def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = 
         else:
             try:
                 export.export_onnx(miner, path, embedding_dim=embedding_dim, with_ref=with_ref,
-                                   dtype=dtype, compact=compact, anchor_blocks=anchor_blocks)
+                                   dtype=dtype, compact=compact, anchor_blocks=anchor_blocks,
+                                   gather_positives=gather_positives)
                 _CACHE[key] = (miner, path, None)
             except Exception as e:
                 _CACHE[key] = (miner, None, e)

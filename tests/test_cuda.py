@@ -66,14 +66,20 @@ def _cases():
                                             id=f"{name}-{cfg}-{mode}-float16"))
         if spec.row_independent:
             out.append(pytest.param(name, 0, "anchors", "float32", id=f"{name}-0-anchors-float32"))
+        if name in ("TripletMarginMiner", "AngularMiner"):   # gather_positives=True graphs
+            for mode, dtype in (("gather-self", "float32"), ("gather-self", "float16"),
+                                ("gather-ref", "float32"), ("gather-anchors", "float32")):
+                out.append(pytest.param(name, 0, mode, dtype, id=f"{name}-0-{mode}-{dtype}"))
     return out
 
 
 def _graph(name, cfg, mode, dtype):
     return onnx_graph_cache.graph(
-        name, cfg, with_ref=mode == "ref", anchor_blocks=mode == "anchors",
+        name, cfg, with_ref=mode in ("ref", "gather-ref"),
+        anchor_blocks=mode in ("anchors", "gather-anchors"),
         dtype=torch.float16 if dtype == "float16" else torch.float32,
-        embedding_dim=None if mode == "ref" else D)
+        embedding_dim=None if mode in ("ref", "gather-ref") else D,
+        gather_positives=mode.startswith("gather"))
 
 
 @pytest.fixture(scope="module", autouse=True)

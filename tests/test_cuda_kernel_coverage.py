@@ -85,11 +85,17 @@ def _miner_cases():
             modes = ["self"] + ([] if spec.self_only else ["ref"])
             if cfg == 0 and spec.row_independent:
                 modes.append("anchors")
+            if cfg == 0 and name in GATHERING:   # listed-positive graphs, every input mode
+                modes += ["gather-self", "gather-ref", "gather-anchors"]
             for mode in modes:
-                for dt in _DTYPES if cfg == 0 and mode != "anchors" else ["fp32"]:
+                for dt in _DTYPES if cfg == 0 and mode in ("self", "ref", "gather-self") \
+                        else ["fp32"]:
                     cid = f"{name}-{cfg}-{mode}-{dt}"
                     cases.append(pytest.param(name, cfg, mode, dt, id=cid, marks=_marks()))
     return cases
+
+
+GATHERING = ("TripletMarginMiner", "AngularMiner")   # export_onnx(gather_positives=True)
 
 
 def _pipeline_cases():
@@ -319,10 +325,11 @@ def _check(cid: str, model: onnx.ModelProto, kernels) -> None:
 def test_miner_graph(kernels, request, name, cfg, mode, dt):
     # float32 self-mining graphs (width D) and with_ref graphs of config 0 (dynamic width)
     # are the ones test_export_onnx.py / test_runtime.py use too: one export per session
-    with_ref = mode == "ref"
+    with_ref = mode in ("ref", "gather-ref")
     _, path = onnx_graph_cache.graph(name, cfg, with_ref=with_ref, dtype=_DTYPES[dt],
                                      embedding_dim=None if with_ref else onnx_graph_cache.D,
-                                     anchor_blocks=mode == "anchors")
+                                     anchor_blocks=mode in ("anchors", "gather-anchors"),
+                                     gather_positives=mode.startswith("gather"))
     _check(request.node.callspec.id, onnx.load(path), kernels)
 
 

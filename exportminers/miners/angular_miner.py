@@ -162,9 +162,29 @@ def angular_block(rows: List[Tensor], shared: List[Tensor], pos: Tensor, neg: Te
     return out
 
 
+def angular_gathered_block(rows: List[Tensor], shared: List[Tensor], neg: Tensor,
+                           cols: Tensor, valid: Tensor, angle: float,
+                           cuts: List[float]) -> Tensor:
+    """The exported angle test (:func:`angular_block`'s graph arithmetic) over listed
+    positives: ``cols`` [N, P] (``valid`` [N, P]) against every negative.
+
+    Returns:
+        Tensor[N, P, M] bool.
+    """
+    g, c_sq, ap, a_sum = rows[0], rows[1], rows[2], rows[3]
+    h, ne_sq, r_sum = shared[0], shared[1], shared[2]
+    cut = _pick_cut(cuts, ap.dtype)
+    if cut >= 0.0:
+        return _graph_angles_exceed(g, c_sq, ap, a_sum, h, ne_sq, r_sum, valid, neg,
+                                    _pick_cut(cuts, ap.dtype, True), cols)
+    return _angles_exceed(g, torch.gather(c_sq, 1, cols), torch.gather(ap, 1, cols), a_sum,
+                          h[cols], ne_sq, r_sum[cols].unsqueeze(2), angle, cuts) \
+        & (valid.unsqueeze(2) & neg.unsqueeze(1))
+
+
 def _graph_angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: Tensor,
                          ne_sq: Tensor, r_sum: Tensor, pos: Tensor, neg: Tensor,
-                         cut: float) -> Tensor:
+                         cut: float, cols: Optional[Tensor] = None) -> Tensor:
     """The exported graph's angle test for a cut-off ``cut >= 0`` (see :func:`atan_cut`),
     with one float64 [N, M, M] temporary and one bool result.
 
@@ -182,9 +202,12 @@ def _graph_angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: 
         g: [N, M] a.r; c_sq: [N, M] |c|^2; ap: [N, M] |a - p + eps| (input dtype);
             a_sum: [N]; h: [M, M] r.r; ne_sq: [M] |r + eps|^2; r_sum: [M];
             pos, neg: [N, M] bool.
+        cols: None, or Tensor[N, P] listed positive columns (``pos`` is then their
+            validity, [N, P]): the same test, elementwise the same arithmetic, over
+            [N, P, M] candidates (``gather_positives`` graphs).
 
     Returns:
-        Tensor[N, M(positive), M(negative)] bool.
+        Tensor[N, M(positive) or P, M(negative)] bool.
     """
     eps = _ops.f64(1e-6, g)
     ap64 = ap.to(torch.float64)
@@ -197,10 +220,16 @@ def _graph_angles_exceed(g: Tensor, c_sq: Tensor, ap: Tensor, a_sum: Tensor, h: 
     else:
         bound = inf
     right = bound - (c_sq - eps * (a_sum.unsqueeze(1) + r_sum.unsqueeze(0)))
-    right = torch.where(pos & (ap64 > 0.0), right, -inf)                 # [N, M(p)]
+    right = torch.where(ap64 > 0.0, right, -inf)                          # [N, M(p)]
     left_pn = ne_sq.unsqueeze(0) - h                                      # [M(p), M(n)]
+    if cols is not None:
+        right = torch.gather(right, 1, cols)                              # [N, P]
+        left_pn = left_pn[cols]                                           # [N, P, M(n)]
+    else:
+        left_pn = left_pn.unsqueeze(0)
+    right = torch.where(pos, right, -inf)
     g_neg = torch.where(neg, g, -inf)                                     # [N, M(n)]
-    return (left_pn.unsqueeze(0) - g_neg.unsqueeze(1)) < right.unsqueeze(2)
+    return (left_pn - g_neg.unsqueeze(1)) < right.unsqueeze(2)
 
 
 def angular_miner(anchors: Tensor, refs: Tensor, pos: Tensor, neg: Tensor, angle: float,
@@ -534,6 +563,16 @@ class AngularMiner(DenseTripletKernelMiner):
 
     def positive_mask(self, rows: List[Tensor]) -> Optional[Tensor]:
         return rows[4]
+
+    def gathers_positives(self) -> bool:
+        return True
+
+    def gathered_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
+                       valid: Tensor) -> Tensor:
+        if len(rows) < 9:   # exporting: the graph's test, as the dense graph's
+            return angular_gathered_block(rows[:4], shared[:3], rows[5], cols, valid,
+                                          self.angle, self.cuts)
+        return self.positive_block(rows, shared, cols, valid, 0, rows[0].size(0))
 
     def positive_budget(self) -> int:
         return 4194304   # its [b, P, M] temporaries are float64

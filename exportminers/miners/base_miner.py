@@ -368,6 +368,37 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         """Most candidates (anchors x P x M) per block in :meth:`mine_over_positives`."""
         return 67108864
 
+    def gathers_positives(self) -> bool:
+        """:meth:`gather_kernel` applies (``export_onnx(..., gather_positives=True)``):
+        the miner tests (anchor, positive) pairs by :meth:`positive_block`."""
+        return False
+
+    def gathered_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
+                       valid: Tensor) -> Tensor:
+        """:meth:`positive_block` over every anchor row (what :meth:`gather_kernel`
+        exports); miners whose exported arithmetic differs override it."""
+        return self.positive_block(rows, shared, cols, valid, 0, rows[0].size(0))
+
+    def gather_kernel(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                      ref_labels: Optional[Tensor], positive_index: Tensor,
+                      anchor_ids: Optional[Tensor] = None) -> List[Tensor]:
+        """The fixed-shape kernel over listed positives: [N, P, M] candidates.
+
+        ``positive_index`` Tensor[N, P] lists each anchor's positive columns
+        (:func:`exportminers.runtime.positives.positive_index`); it is checked against
+        the labels (:func:`lmu.listed_positives`). Returns ``[mask Tensor[N, P, M] bool,
+        cols Tensor[N, P, 1] int64, unmatched Tensor[N] int64]``, decoded with the
+        layout ``[[0, -1, 1, -3]]`` (the same tuples, in the same order, as the dense
+        kernel) once ``unmatched`` is checked to be zero.
+        """
+        rows, shared = self.block_state(embeddings, labels, ref_emb, ref_labels, anchor_ids)
+        pos = self.positive_mask(rows)
+        if pos is None:
+            raise RuntimeError(f"{type(self).__name__}: this configuration does not mine "
+                               f"over listed positives (gathers_positives() is False)")
+        cols, valid, unmatched = lmu.listed_positives(pos, positive_index)
+        return [self.gathered_block(rows, shared, cols, valid), cols.unsqueeze(2), unmatched]
+
     def mine_over_positives(self, embeddings: Tensor, rows: List[Tensor],
                             shared: List[Tensor], pos: Tensor) -> List[Tensor]:
         """Eager/TorchScript mining over [N, P, M] candidates instead of [N, M, M]: each

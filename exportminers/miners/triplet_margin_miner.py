@@ -341,6 +341,9 @@ class TripletMarginMiner(DenseTripletKernelMiner):
         # the capped result picks among all of an anchor's triplets: dense blocks
         return None if self.cap > 0 else rows[1]
 
+    def gathers_positives(self) -> bool:
+        return self.cap == 0
+
     def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
                        valid: Tensor, start: int, stop: int) -> Tensor:
         mat = rows[0][start:stop]

@@ -29,10 +29,11 @@ COMPACT = PREFIX + "compact"            # JSON bool: outputs are already index t
 EXPORTER = PREFIX + "exporter"          # which exporter produced the graph
 ANCHOR_BLOCKS = PREFIX + "anchor_blocks"  # JSON bool: self-mining of anchor_index rows
 LARGEST_TENSORS = PREFIX + "largest_tensors"  # JSON: shapes of the largest tensors computed
+GATHER_POSITIVES = PREFIX + "gather_positives"  # JSON bool: positive_index input, [N, P, M]
 
 _JSON_KEYS = (CONFIG, LAYOUT, INPUTS, OUTPUTS, OUTPUT_SHAPES, NOISE_SHAPE, WITH_REF,
               EMBEDDING_DIM, ROW_INDEPENDENT, BATCH_MULTIPLE, CHECK_FINITE, COMPACT,
-              ANCHOR_BLOCKS, LARGEST_TENSORS)
+              ANCHOR_BLOCKS, LARGEST_TENSORS, GATHER_POSITIVES)
 REQUIRED = (VERSION, MINER, LAYOUT, INPUTS, OUTPUTS, NOISE_SHAPE, OUTPUT_KIND, WITH_REF,
             DTYPE, EMBEDDING_DIM)
 OUTPUT_KINDS = ("triplets", "pairs", "subset")

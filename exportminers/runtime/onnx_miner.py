@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import arena, checks_np, compat, decode_np
+from . import arena, checks_np, compat, decode_np, positives
 from . import metadata as md
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -145,6 +145,16 @@ def _sliceable(x) -> bool:
     return _is_torch(x) or isinstance(x, np.ndarray)
 
 
+def _lists_block(lists: np.ndarray, s: int, e: int) -> np.ndarray:
+    """Rows ``s:e`` of the ``positive_index`` lists, cut to the block's widest list
+    (lists are left-packed: padding -1 only at the end of a row)."""
+    if (s, e) == (0, lists.shape[0]):
+        return lists
+    block = lists[s:e]
+    width = max(1, int((block >= 0).sum(axis=1).max()))
+    return np.ascontiguousarray(block[:, :width])
+
+
 def _np_empty(n: int, like: np.ndarray) -> np.ndarray:
     return np.empty(n, dtype=like.dtype)
 
@@ -171,6 +181,18 @@ def _dtype_name(dt) -> str:
 
 def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
+
+
+def _host_ints(x) -> np.ndarray:
+    """Integer labels on the host: numpy as is, torch tensors and DLPack arrays copied."""
+    if isinstance(x, np.ndarray):
+        return x
+    if _is_torch(x):
+        return x.detach().cpu().numpy()
+    if x.__dlpack_device__()[0] in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+        return np.from_dlpack(x)
+    import onnxruntime as ort
+    return ort.OrtValue.from_dlpack(x).numpy()
 
 
 def _positive_int_or_none(value, name: str) -> Optional[int]:
@@ -309,6 +331,12 @@ class OnnxMiner:
         self.batch_multiple: int = int(meta.get(md.BATCH_MULTIPLE, 1) or 1)
         self.compact: bool = bool(meta.get(md.COMPACT, False))
         self.anchor_blocks: bool = bool(meta.get(md.ANCHOR_BLOCKS, False))
+        self.gather_positives: bool = bool(meta.get(md.GATHER_POSITIVES, False))
+        if self.gather_positives and "unmatched_positives" not in self.output_names:
+            raise ValueError(f"{self.path}: a gather_positives graph without its "
+                             f"unmatched_positives output")
+        self._unmatched = self.output_names.index("unmatched_positives") \
+            if self.gather_positives else -1
         self.largest_tensors: List[List[Any]] = meta.get(md.LARGEST_TENSORS) or [
             ["N"] + list(dims[1:]) for dims in self.output_shapes]
         self.check_finite: bool = bool(meta.get(md.CHECK_FINITE, True)) \
@@ -368,42 +396,43 @@ class OnnxMiner:
         """Shape of the noise input for ``n`` anchors and ``m`` references ([] if none)."""
         return [n if s == "N" else m if s == "M" else int(s) for s in self.noise_spec]
 
-    def largest_tensor_elements(self, n: int, m: int, d: int) -> int:
+    def largest_tensor_elements(self, n: int, m: int, d: int, p: int = 0) -> int:
         """Most elements of any tensor the graph computes for ``n`` anchors, ``m``
-        references (= ``n`` when self-mining) and width ``d``. Remembered per sizes (a
-        training loop repeats them; evaluating the shapes costs a few us a call)."""
-        key = (n, m, d)
+        references (= ``n`` when self-mining), width ``d`` and, for ``gather_positives``
+        graphs, ``p`` listed positives per anchor. Remembered per sizes (a training loop
+        repeats them; evaluating the shapes costs a few us a call)."""
+        key = (n, m, d, p)
         found = self._largest_seen.get(key)
         if found is None:
-            found = md.largest_elements(self.largest_tensors, {"N": n, "M": m, "D": d})
+            found = md.largest_elements(self.largest_tensors, {"N": n, "M": m, "D": d, "P": p})
             if len(self._largest_seen) >= 256:
                 self._largest_seen.clear()
             self._largest_seen[key] = found
         return found
 
-    def _rows_within(self, n: int, m: int, d: int, budget: int) -> int:
+    def _rows_within(self, n: int, m: int, d: int, budget: int, p: int = 0) -> int:
         """Most anchor rows (at most ``n``) whose largest tensor fits ``budget``; 0 if
         not even one row fits."""
-        if self.largest_tensor_elements(n, m, d) <= budget:
+        if self.largest_tensor_elements(n, m, d, p) <= budget:
             return n
         lo, hi = 0, n   # elements(lo) fits (or lo = 0), elements(hi) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.largest_tensor_elements(mid, m, d) <= budget:
+            if self.largest_tensor_elements(mid, m, d, p) <= budget:
                 lo = mid
             else:
                 hi = mid
         return lo
 
-    def _soft_budget(self, m: int, d: int) -> int:
+    def _soft_budget(self, m: int, d: int, p: int = 0) -> int:
         """Elements a default CPU block may reach: :data:`CPU_BLOCK_ELEMENTS`, or the
         graph's largest tensor that does not grow with the anchors (e.g. a [D, M] view
         of the reference set) where that is larger, so blocks never shrink to one row
         only because of a tensor every run computes anyway."""
-        return max(CPU_BLOCK_ELEMENTS, self.largest_tensor_elements(0, m, d))
+        return max(CPU_BLOCK_ELEMENTS, self.largest_tensor_elements(0, m, d, p))
 
     def _rows_per_block(self, n: int, m: int, d: int, return_raw: bool = False,
-                        auto: bool = True) -> int:
+                        auto: bool = True, p: int = 0) -> int:
         """Anchor rows per run.
 
         The asked-for chunking (``chunk_size`` / ``max_block_elements``) if any; else, for
@@ -419,9 +448,9 @@ class OnnxMiner:
         if self.chunk_size is not None:
             per = min(n, self.chunk_size)
         elif self.max_block_elements is not None:
-            per = max(1, self._rows_within(n, m, d, self.max_block_elements))
+            per = max(1, self._rows_within(n, m, d, self.max_block_elements, p))
         elif self.on_cpu and auto and self.chunkable and not return_raw:
-            per = max(1, self._rows_within(n, m, d, self._soft_budget(m, d)))
+            per = max(1, self._rows_within(n, m, d, self._soft_budget(m, d, p), p))
         if self.on_cuda:
             limit = CUDA_MAX_ELEMENTS
             what = "that ONNX Runtime's CUDA kernels handle (a larger one fails and leaves " \
@@ -434,13 +463,13 @@ class OnnxMiner:
                     f"machine's or its cgroup's; every element takes at least one byte)")
         else:   # other execution providers: their limits are not known here
             return per
-        fit = self._rows_within(n, m, d, limit)
+        fit = self._rows_within(n, m, d, limit, p)
         if fit >= (n if return_raw else per):
             return per
         where = f"mining {n} anchors against {m} references" if self.with_ref or \
             self.anchor_blocks else f"self-mining {n} rows"
         head = (f"embeddings: {where} makes this {self.miner_name} graph compute a tensor of "
-                f"{self.largest_tensor_elements(n, m, d):,} elements, more than the "
+                f"{self.largest_tensor_elements(n, m, d, p):,} elements, more than the "
                 f"{limit:,} {what}")
         if return_raw:
             raise ValueError(head + "; return_raw=True returns one run's outputs: mine fewer "
@@ -450,10 +479,10 @@ class OnnxMiner:
         if fit >= 1 and self.chunkable:
             if self.on_cuda:
                 return fit
-            return min(fit, max(1, self._rows_within(n, m, d, self._soft_budget(m, d))))
+            return min(fit, max(1, self._rows_within(n, m, d, self._soft_budget(m, d, p), p)))
         if self.chunkable:
             raise ValueError(
-                head + f"; even one anchor row needs {self.largest_tensor_elements(1, m, d):,}"
+                head + f"; even one anchor row needs {self.largest_tensor_elements(1, m, d, p):,}"
                 f" elements: mine smaller batches" + (
                     " or against a smaller reference set" if self.with_ref else ""))
         if self.row_independent and not self.with_ref:
@@ -499,7 +528,9 @@ class OnnxMiner:
         noise_arr = self._noise(n, m, seed, noise)
         if n == 0 or m == 0:
             return self._empty(n, m, return_raw)
-        per = self._rows_per_block(n, m, emb.shape[1], return_raw)
+        lists = self._positive_lists(lab, ref_lab)
+        p = 0 if lists is None else lists.shape[1]
+        per = self._rows_per_block(n, m, emb.shape[1], return_raw, p=p)
 
         def run(s: int, e: int):
             if self.anchor_blocks:
@@ -514,11 +545,16 @@ class OnnxMiner:
                 feeds["ref_labels"] = np.ascontiguousarray(ref_lab)
             if noise_arr is not None:
                 feeds["noise"] = noise_arr
+            if lists is not None:
+                feeds["positive_index"] = _lists_block(lists, s, e)
             try:
-                return self.session.run(self.output_names, feeds)
+                outs = self.session.run(self.output_names, feeds)
             except Exception as err:
-                self._raise_if_out_of_memory(err, e - s, m, emb.shape[1], return_raw)
+                self._raise_if_out_of_memory(err, e - s, m, emb.shape[1], return_raw, p)
                 raise
+            if lists is not None:
+                self._check_lists(outs[self._unmatched], s)
+            return outs
 
         if return_raw:
             return run(0, n)
@@ -529,7 +565,7 @@ class OnnxMiner:
         return self._finish(self._join(blocks, _np_empty))
 
     def _raise_if_out_of_memory(self, err: Exception, rows: int, m: int, d: int,
-                                return_raw: bool = False) -> None:
+                                return_raw: bool = False, p: int = 0) -> None:
         """ONNX Runtime's failure to allocate a run's memory as a MemoryError that says
         what was run and how to make it smaller; other errors pass."""
         text = str(err)
@@ -551,7 +587,7 @@ class OnnxMiner:
         raise MemoryError(
             f"embeddings: ONNX Runtime ran out of memory running this {self.miner_name} graph "
             f"on {rows} anchor rows against {m} references (largest tensor "
-            f"{self.largest_tensor_elements(rows, m, d):,} elements; {detail}); {hint}") from err
+            f"{self.largest_tensor_elements(rows, m, d, p):,} elements; {detail}); {hint}") from err
 
     def _check_graph_args(self, emb_shape, has_ref: bool) -> None:
         if has_ref and not self.with_ref:
@@ -610,6 +646,27 @@ class OnnxMiner:
             return self._finish([torch.empty(0, dtype=torch.int64, device=like.device)
                                  for _ in range(k)])
         return self._finish([np.zeros(0, dtype=np.int64) for _ in range(k)])
+
+    def _positive_lists(self, labels, ref_labels) -> Optional[np.ndarray]:
+        """A ``gather_positives`` graph's ``positive_index`` for every anchor (host
+        numpy; torch and DLPack labels are copied to the host: N int64 values), else
+        None. Self-mining and anchor-block graphs exclude each anchor's own row."""
+        if not self.gather_positives:
+            return None
+        return positives.positive_index(_host_ints(labels),
+                                        None if ref_labels is None else _host_ints(ref_labels))
+
+    def _check_lists(self, unmatched, start: int) -> None:
+        """The graph's ``unmatched_positives`` must be zero: the lists named every
+        positive (they are computed here, so anything else is a bug, never data to drop)."""
+        arr = unmatched if isinstance(unmatched, np.ndarray) else unmatched.numpy()
+        bad = np.flatnonzero(arr)
+        if bad.size:
+            i = int(bad[0])
+            raise RuntimeError(
+                f"{self.path}: the graph found {int(arr[i])} positive(s) of anchor "
+                f"{start + i} (and {bad.size - 1} more anchors) not listed in "
+                f"positive_index, whose triplets would be missing; please report this")
 
     def _decode_np(self, outputs: List[np.ndarray]) -> List[np.ndarray]:
         if self.compact:
@@ -783,7 +840,9 @@ class OnnxMiner:
         out_device = "cuda" if dev_type in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED) else "cpu"
         # anchor blocks of a with_ref graph slice the inputs: torch tensors and numpy only
         sliceable = self.anchor_blocks or all(_sliceable(v) for v in (emb, lab))
-        per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw, auto=sliceable)
+        lists = self._positive_lists(lab, ref_lab)
+        p = 0 if lists is None else lists.shape[1]
+        per = self._rows_per_block(n, m, int(emb_shape[1]), return_raw, auto=sliceable, p=p)
         if per < n and not sliceable:
             why = ("chunk_size" if self.chunk_size is not None else "max_block_elements"
                    if self.max_block_elements is not None else
@@ -809,17 +868,21 @@ class OnnxMiner:
                 keep.append(self._bind(binding, "ref_labels", ref_lab))
             if noise_arr is not None:
                 binding.bind_cpu_input("noise", noise_arr)
+            if lists is not None:
+                keep.append(self._bind(binding, "positive_index", _lists_block(lists, s, e)))
             for name in self.output_names:
                 binding.bind_output(name, out_device, dev_id if out_device == "cuda" else 0)
             binding.synchronize_inputs()
             try:
                 self.session.run_with_iobinding(binding)
             except Exception as err:
-                self._raise_if_out_of_memory(err, e - s, m, int(emb_shape[1]), return_raw)
+                self._raise_if_out_of_memory(err, e - s, m, int(emb_shape[1]), return_raw, p)
                 raise
             binding.synchronize_outputs()
             outs = binding.get_outputs()
             del keep  # the inputs had to outlive the run
+            if lists is not None:
+                self._check_lists(outs[self._unmatched], s)
             return [outs[i] for i in range(len(self.output_names))]
 
         if return_raw:

@@ -79,6 +79,41 @@ def positive_columns(pos: Tensor):
     return cols, valid
 
 
+def listed_positives(pos: Tensor, positive_index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Read a given list of each anchor's positive columns against the positive mask.
+
+    Fixed-shape and exportable: the kernel of graphs exported with
+    ``gather_positives=True``, whose caller lists the positives
+    (:func:`exportminers.runtime.positives.positive_index` computes the list).
+
+    Args:
+        pos: Tensor[N, M] bool, the positive pairs.
+        positive_index: Tensor[N, P] int64, each anchor's positive columns in increasing
+            order, then -1 padding.
+
+    Returns:
+        ``(cols Tensor[N, P] int64 (in [0, M)), valid Tensor[N, P] bool, unmatched
+        Tensor[N] int64)``. Each row is read up to its first slot that does not exceed
+        the one before (padding, a repeat, a step back); a slot read is valid when its
+        column is in range and a positive of the anchor. ``unmatched`` counts the
+        anchor's positives without a valid slot: zero everywhere means the valid slots
+        are every positive exactly once; anything else is a wrong list (its triplets
+        would be missing), which callers must check.
+    """
+    idx = positive_index
+    m_t = _ops.ones_int_like(pos[0]).sum()
+    in_range = (idx >= 0) & (idx < m_t)
+    cols = torch.where(in_range, idx, _ops.zeros_int_like(idx))
+    # the list is read while it increases strictly (from -1 before the first slot): the
+    # first padding, repeat or step back ends it, so read columns are distinct
+    first = idx[:, :1] * 0
+    prev = torch.cat([first - 1, idx[:, :-1]], dim=1)   # Concat: CUDA's Pad has no int64
+    ended = torch.cumsum((idx <= prev).to(torch.int64), dim=1) > 0
+    valid = in_range & ~ended & torch.gather(pos, 1, cols)
+    unmatched = pos.to(torch.int64).sum(1) - valid.to(torch.int64).sum(1)
+    return cols, valid, unmatched
+
+
 # ------------------------------------------------------------- PML index helpers
 
 
