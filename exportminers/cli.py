@@ -42,6 +42,8 @@ examples:
       --set TripletMarginMiner.type_of_triplets=semihard
   exportminers export --out graphs --config miners.json --dtype float16 --with-ref
   exportminers export --out graphs --miners TripletMarginMiner,AngularMiner --anchor-blocks
+  exportminers export --out graphs --miners TripletMarginMiner,AngularMiner --anchor-blocks \
+      --gather-positives
 
 --config file (JSON, or YAML if PyYAML is installed): a mapping from miner name to one
 configuration or a list of configurations, e.g.
@@ -192,6 +194,8 @@ def run_export(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
     if args.with_ref and args.anchor_blocks:
         raise SystemExit("exportminers export: --with-ref and --anchor-blocks exclude each other")
+    if args.gather_positives and args.compact:
+        raise SystemExit("exportminers export: --gather-positives and --compact exclude each other")
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
@@ -226,6 +230,7 @@ def run_export(args: argparse.Namespace) -> int:
         entry: Dict[str, Any] = {"name": name, "config": {k: _jsonable(v) for k, v in cfg.items()},
                                  "file": fname, "dtype": args.dtype, "with_ref": args.with_ref,
                                  "anchor_blocks": args.anchor_blocks,
+                                 "gather_positives": args.gather_positives,
                                  "embedding_dim": args.embedding_dim, "compact": args.compact}
         t0 = time.perf_counter()
         if args.with_ref and name in SELF_ONLY:
@@ -237,11 +242,18 @@ def run_export(args: argparse.Namespace) -> int:
                          error=f"{name} does not mine each anchor row independently")
             entries.append(entry)
             continue
+        gathers = getattr(built[(name, index, custom)], "gathers_positives", None)
+        if args.gather_positives and not (callable(gathers) and gathers()):
+            entry.update(status="skipped",
+                         error=f"{name} (this configuration) does not mine over listed positives")
+            entries.append(entry)
+            continue
         try:
             miner = built[(name, index, custom)]
             export_onnx(miner, path, embedding_dim=args.embedding_dim, with_ref=args.with_ref,
                         dtype=dtype, opset=args.opset, compact=args.compact,
-                        anchor_blocks=args.anchor_blocks)
+                        anchor_blocks=args.anchor_blocks,
+                        gather_positives=args.gather_positives)
             ops = op_types(path)
             entry.update(_io_description(path))
             entry.update(sha256=_sha256(path), op_types=ops,
@@ -266,7 +278,8 @@ def run_export(args: argparse.Namespace) -> int:
                   + (f": {entry['error']}" if entry.get("error") else ""), file=sys.stderr)
     manifest = {"exportminers_version": __version__, "torch_version": torch.__version__,
                 "dtype": args.dtype, "with_ref": args.with_ref,
-                "anchor_blocks": args.anchor_blocks, "embedding_dim": args.embedding_dim,
+                "anchor_blocks": args.anchor_blocks,
+                "gather_positives": args.gather_positives, "embedding_dim": args.embedding_dim,
                 "opset": args.opset, "compact": args.compact, "verify_sizes": sizes,
                 "graphs": entries}
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
@@ -319,6 +332,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="self-mining graphs that take anchor_index, so OnnxMiner can mine a "
                         "batch in anchor blocks (miners with independent anchor rows; others "
                         "are skipped)")
+    p.add_argument("--gather-positives", action="store_true",
+                   help="graphs that test each anchor's listed positives against every "
+                        "negative ([N, P, M] instead of [N, M, M]; TripletMarginMiner without a "
+                        "cap and AngularMiner, others are skipped); OnnxMiner lists them")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, where every node has an ONNX Runtime CUDA kernel)")
     p.add_argument("--embedding-dim", type=int, default=None, metavar="D",
                    help="fix the embedding width (default: dynamic)")
