@@ -220,8 +220,9 @@ def short(text: str, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------- misc
 
 
-def onnx_path(out_dir: str, name: str, anchor_blocks: bool = False) -> str:
-    return os.path.join(out_dir, "onnx", f"{name}{'_anchor_blocks' if anchor_blocks else ''}.onnx")
+def onnx_path(out_dir: str, name: str, anchor_blocks: bool = False, gather: bool = False) -> str:
+    return os.path.join(out_dir, "onnx", f"{name}{'_anchor_blocks' if anchor_blocks else ''}"
+                                         f"{'_gather' if gather else ''}.onnx")
 
 
 def row_key(row: Dict[str, Any]) -> Tuple[str, int, str]:

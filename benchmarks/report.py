@@ -209,6 +209,14 @@ ANCHOR_BLOCKS_NOTE = (
     "CUDA EP, 2^28 on the CPU), with the same tuples as one run")
 
 
+GATHER_NOTE = (
+    "this row runs the miner's gather_positives=True graph (anchor_blocks=True too): each "
+    "anchor's positives against every negative, [N, P, M] candidates (P = samples per "
+    "class - 1, 7 in these tables) instead of [N, M, M]; OnnxMiner lists the positives on "
+    "the host each call (numpy, included in the time), the graph checks the list; the same "
+    "tuples as the dense graph")
+
+
 def _time_cell(idx, m, n, k, r, notes) -> str:
     val = common.fmt_ms(r.get("median_ms")) if r else ""
     rt = ratio(idx, m, n, k) if k != "pml" else None
@@ -219,6 +227,8 @@ def _time_cell(idx, m, n, k, r, notes) -> str:
             "no timed call: the time is the first, cold call's"))
     if r and r.get("graph") == "anchor_blocks":
         val += _note_ref(notes, ANCHOR_BLOCKS_NOTE)
+    if r and r.get("graph") == "gather_positives":
+        val += _note_ref(notes, GATHER_NOTE)
     return val
 
 

@@ -377,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "row's own peak (CUDA torch rows excepted: "
                         "max_memory_allocated is per row). A timeout still skips the larger "
                         "N of that miner and implementation.")
+    p.add_argument("--graphs", choices=["gather", "dense"], default="gather",
+                   help="ONNX rows of the miners that can test listed positives "
+                        "(TripletMarginMiner, AngularMiner): 'gather' runs their "
+                        "gather_positives=True graphs ([N, P, M] candidates, positive lists "
+                        "made on the host each call, as OnnxMiner does), 'dense' their "
+                        "[N, M, M] graphs (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and ONNX Runtime (0: their defaults); on a "
                         "shared machine 1 avoids OpenMP stalls when cores are busy")
@@ -536,6 +542,9 @@ def plan(args, env: Dict[str, Any]):
                                      "path": row["onnx_path"], "d": args.dim,
                                      "blocks_path": common.onnx_path(args.out, name,
                                                                      anchor_blocks=True),
+                                     "gather_path": common.onnx_path(args.out, name,
+                                                                     gather=True)
+                                     if args.graphs == "gather" else None,
                                      "sizes": sorted({common.effective_n(name, s)
                                                       for s in sizes}),
                                      "cap_s": args.export_cap_s, "threads": args.threads}
@@ -596,7 +605,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     + (f" ({res.get('export_s')} s" + (
                         f"; the anchor-block graph for N={res['blocks_for']}: "
                         f"{res.get('blocks_export_s')} s"
-                        if res.get("blocks_for") else "") + ")" if res["status"] == "ok"
+                        if res.get("blocks_for") else "") + (
+                        f"; the gather_positives graph: {res.get('gather_export_s')} s"
+                        if res.get("gather_path") else "") + ")" if res["status"] == "ok"
                        else f" - {res.get('reason')}"))
     rows: List[Dict[str, Any]] = list(decided)
     runnable = []
@@ -608,6 +619,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             if "onnx_path" in row and export_results[row["miner"]].get("blocks_path"):
                 row["onnx_blocks_path"] = export_results[row["miner"]]["blocks_path"]
+            if "onnx_path" in row and export_results[row["miner"]].get("gather_path"):
+                row["onnx_gather_path"] = export_results[row["miner"]]["gather_path"]
             runnable.append(row)
 
     # rows: per miner, N ascending (a timeout skips that implementation's larger N), the

@@ -94,6 +94,13 @@ def run_export(task: Dict[str, Any]) -> Dict[str, Any]:
                                  anchor_blocks=True)
         out.update(blocks_path=task["blocks_path"], blocks_for=too_big,
                    blocks_export_s=round(time.perf_counter() - t1, 3))
+    gathers = getattr(miner, "gathers_positives", None)
+    if task.get("gather_path") and callable(gathers) and gathers():
+        t1 = time.perf_counter()
+        exportminers.export_onnx(miner, task["gather_path"], embedding_dim=task["d"],
+                                 anchor_blocks=True, gather_positives=True)
+        out.update(gather_path=task["gather_path"],
+                   gather_export_s=round(time.perf_counter() - t1, 3))
     return out
 
 
@@ -104,9 +111,11 @@ def graph_metadata(path: str) -> Dict[str, Any]:
     return md.decode({p.key: p.value for p in model.metadata_props}, path)
 
 
-def largest_elements(meta: Dict[str, Any], n: int, d: int) -> int:
-    """Most elements of any tensor a self-mining graph computes for a batch of ``n``."""
-    return md.largest_elements(meta.get(md.LARGEST_TENSORS) or [], {"N": n, "M": n, "D": d})
+def largest_elements(meta: Dict[str, Any], n: int, d: int, p: int = 0) -> int:
+    """Most elements of any tensor a self-mining graph computes for a batch of ``n`` (and
+    ``p`` listed positives per anchor, gather_positives graphs)."""
+    return md.largest_elements(meta.get(md.LARGEST_TENSORS) or [],
+                               {"N": n, "M": n, "D": d, "P": p})
 
 
 def pick_graph(task: Dict[str, Any], n: int) -> str:
@@ -116,6 +125,16 @@ def pick_graph(task: Dict[str, Any], n: int) -> str:
     (below 2^31 - 1 elements a block on the CUDA EP, ``CPU_BLOCK_ELEMENTS`` on the CPU).
     Fixed-shape (raw) rows are one run by definition: skipped there."""
     from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS
+    if task.get("onnx_gather_path"):
+        # the benchmark's batches have per_class rows a class: per_class - 1 positives
+        p = max(1, min(n, int(task["per_class"])) - 1)
+        largest = largest_elements(graph_metadata(task["onnx_gather_path"]), n, task["d"], p)
+        if task["impl"].endswith("_raw") and largest > CUDA_MAX_ELEMENTS:
+            raise RowSkipped(
+                f"fixed-shape outputs are one run's, and one run at N={n} computes a tensor "
+                f"of {largest:,} elements, beyond 2^31 - 1")
+        task["_graph"] = "gather_positives"
+        return task["onnx_gather_path"]
     largest = largest_elements(graph_metadata(task["onnx_path"]), n, task["d"])
     if largest <= CUDA_MAX_ELEMENTS:
         return task["onnx_path"]

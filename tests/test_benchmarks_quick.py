@@ -291,3 +291,41 @@ def test_rows_beyond_one_run_use_the_anchor_block_graph(tmp_path, monkeypatch):
         _row("TripletMarginMiner", 64, "ort_cpu", graph="anchor_blocks")]))
     line = next(x for x in md.splitlines() if x.startswith("| TripletMarginMiner | 64 |"))
     assert "[^1]" in line and "[^1]: one run of the self-mining graph" in md
+
+
+def test_rows_of_gathering_miners_run_the_gather_positives_graph(tmp_path):
+    """With a gather path the export adds the miner's gather_positives graph (miners that
+    take it only), the ONNX rows run it (marked, footnoted) with the eager tuples, and a
+    fixed-shape row whose one run would pass 2^31 - 1 elements is skipped."""
+    from benchmarks import common, worker
+    from exportminers.verify import as_multisets
+    d = 16
+
+    def export(name):
+        task = {"miner": name, "config": common.default_config(name), "d": d,
+                "path": common.onnx_path(str(tmp_path), name),
+                "gather_path": common.onnx_path(str(tmp_path), name, gather=True),
+                "sizes": [16]}
+        os.makedirs(os.path.dirname(task["path"]), exist_ok=True)
+        return worker.run_export(task)
+
+    res = export("TripletMarginMiner")
+    assert res["status"] == "ok" and os.path.isfile(res["gather_path"])
+    assert res["gather_path"].endswith("TripletMarginMiner_gather.onnx")
+    assert "gather_path" not in export("BatchHardMiner")
+    row = bench_run.row_task("TripletMarginMiner", "ort_cpu", 16, d=d, warmup=1, repeats=1,
+                             onnx_path=res["path"], onnx_gather_path=res["gather_path"])
+    assert worker.pick_graph(dict(row), 16) == res["gather_path"]
+    assert worker.pick_graph(dict(row, impl="ort_cpu_raw"), 16) == res["gather_path"]
+    with pytest.raises(worker.RowSkipped, match="one run at N=50000"):
+        worker.pick_graph(dict(row, impl="ort_cpu_raw"), 50000)   # 50000 * 7 * 50000
+    out = worker.run_row(dict(row), deadline=1e18)
+    assert out["status"] == "ok" and out["graph"] == "gather_positives"
+    x, y = common.make_inputs(16, d, 8, 1, 0, 1.25)[0]
+    got = worker._build(dict(row), "cpu")(x.numpy(), y.numpy())
+    miner = common.build_ours("TripletMarginMiner", common.default_config("TripletMarginMiner"))
+    assert as_multisets(got, "triplets") == as_multisets(miner(x, y), "triplets")
+    md = bench_report.markdown(_result(rows=[
+        _row("TripletMarginMiner", 64, "pml"),
+        _row("TripletMarginMiner", 64, "ort_cpu", graph="gather_positives")]))
+    assert "[^1]: this row runs the miner's gather_positives=True graph" in md
