@@ -663,6 +663,41 @@ def test_real_allocation_failure_is_memory_error(tmp_path):
     assert int(out.stdout.split("SMALL")[1]) > 0
 
 
+def test_memory_guard_reads_the_rlimits(tmp_path):
+    """The guard's limit includes the soft RLIMIT_AS / RLIMIT_DATA (the lower one): under a
+    3 GiB address-space limit a dense N = 1600 call (4.1e9 mask elements) is refused
+    before running, naming the limit, instead of failing inside ONNX Runtime."""
+    _, dense = onnx_graph_cache.graph("TripletMarginMiner")
+    code = textwrap.dedent(f"""
+        import resource
+        import numpy as np
+        from exportminers.runtime import OnnxMiner, onnx_miner
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2 ** 30, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_DATA, (5 * 2 ** 29, resource.RLIM_INFINITY))
+        print("RLIMIT", onnx_miner._rlimit_bytes())
+        resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        print("LIMIT", onnx_miner.physical_memory_bytes())
+        om = OnnxMiner({str(dense)!r}, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(1600, {D})).astype(np.float32)
+        y = rng.integers(0, 200, 1600)
+        try:
+            om(x, y)
+        except ValueError as e:
+            print("VALUEERROR", e)
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"RLIMIT {5 * 2 ** 29}" in out.stdout, out.stdout
+    assert f"LIMIT {3 * 2 ** 30}" in out.stdout, out.stdout
+    assert "VALUEERROR embeddings: self-mining 1600 rows makes this TripletMarginMiner graph " \
+           "compute a tensor of 4,096,000,000 elements, more than the 3,221,225,472 bytes" \
+           in out.stdout, out.stdout
+    assert "or its rlimit" in out.stdout and "anchor_blocks=True" in out.stdout
+
+
 def test_joining_blocks_lets_go_of_each_piece():
     """Anchor blocks are joined into outputs allocated once, each block's piece dropped
     once copied (peak: the output plus one piece, not twice the output), anchor fields

@@ -92,10 +92,33 @@ def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = _CGROUP_RO
     return min(limits) if limits else None
 
 
+def _rlimit_bytes() -> Optional[int]:
+    """The lower of the process's soft ``RLIMIT_AS`` and ``RLIMIT_DATA`` (address space;
+    heap and private mappings, which hold ONNX Runtime's buffers), None if unlimited or
+    unknown (no ``resource`` module off POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    found: Optional[int] = None
+    for name in ("RLIMIT_AS", "RLIMIT_DATA"):
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        try:
+            soft = resource.getrlimit(which)[0]
+        except (ValueError, OSError):
+            continue
+        if soft != resource.RLIM_INFINITY and soft >= 0:
+            found = soft if found is None else min(found, soft)
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def physical_memory_bytes() -> Optional[int]:
-    """The memory this process may use, in bytes: the machine's physical memory, or its
-    cgroup's limit where lower (None where the OS says neither). Read once per process."""
+    """The memory this process may use, in bytes: the machine's physical memory, or where
+    lower its cgroup's limit (:func:`_cgroup_limit`) or its soft ``RLIMIT_AS`` /
+    ``RLIMIT_DATA`` (None where the OS says none of them). Read once per process."""
     total = None
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -103,9 +126,9 @@ def physical_memory_bytes() -> Optional[int]:
             total = pages * size
     except (AttributeError, ValueError, OSError):
         pass
-    group = _cgroup_limit()
-    if group is not None:
-        total = group if total is None else min(total, group)
+    for limit in (_cgroup_limit(), _rlimit_bytes()):
+        if limit is not None:
+            total = limit if total is None else min(total, limit)
     return total
 
 
@@ -460,7 +483,8 @@ class OnnxMiner:
             if limit is None:
                 return per
             what = (f"bytes of memory this process may use ({limit / 2 ** 30:.1f} GiB, the "
-                    f"machine's or its cgroup's; every element takes at least one byte)")
+                    f"machine's, its cgroup's or its rlimit; every element takes at least "
+                    f"one byte)")
         else:   # other execution providers: their limits are not known here
             return per
         fit = self._rows_within(n, m, d, limit, p)
