@@ -44,6 +44,8 @@ def _feeds(om, x, y) -> Dict[str, Any]:
         feeds["anchor_index"] = np.arange(x.shape[0], dtype=np.int64)
     if om.is_random:
         feeds["noise"] = om._noise(x.shape[0], x.shape[0], None, None)
+    if getattr(om, "gather_positives", False):
+        feeds["positive_index"] = om._positive_lists(np.asarray(y), None)
     return feeds
 
 
@@ -204,7 +206,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = args.onnx
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="profile_"), f"{name}.onnx")
-        exportminers.export_onnx(common.build_ours(name, config), path, embedding_dim=args.dim)
+        miner = common.build_ours(name, config)
+        gathers = getattr(miner, "gathers_positives", None)
+        gather = callable(gathers) and gathers()   # the graph the benchmark's ORT rows run
+        exportminers.export_onnx(miner, path, embedding_dim=args.dim, anchor_blocks=gather,
+                                 gather_positives=gather)
     res = ort_profile(path, batches, args.threads, args.runs)
 
     lines = [f"# Profile: {name} ({common.describe_config(name, config)}), N = {n}, "

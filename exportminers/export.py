@@ -565,10 +565,12 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     with ``with_ref``: ``ref_emb`` Tensor[M, D], ``ref_labels`` Tensor[M] int64; with
     ``anchor_blocks``: ``embeddings`` Tensor[M, D], ``labels`` Tensor[M],
     ``anchor_index`` Tensor[N]; random
-    miners: ``noise`` float64 uniform [0, 1) of ``miner.noise_shape(N, M)`` (symbolic).
+    miners: ``noise`` float64 uniform [0, 1) of ``miner.noise_shape(N, M)`` (symbolic);
+    with ``gather_positives``, last: ``positive_index`` Tensor[N, P] int64.
     Outputs: the kernel's tensors, named ``mask<k>`` (read by the layout as masks),
     ``index<k>`` (integer fields) or ``out<k>``; with ``compact``: ``a, p, n`` /
-    ``a1, p, a2, n`` / ``indices``. ``metadata_props`` record the package version, the
+    ``a1, p, a2, n`` / ``indices``; with ``gather_positives``: ``mask0`` [N, P, M],
+    ``index1`` [N, P, 1] and ``unmatched_positives`` [N]. ``metadata_props`` record the package version, the
     miner class and configuration, layout, input/output names and symbolic shapes, the
     noise shape, output kind, dtype, ``embedding_dim`` and the shapes of the largest
     tensors the graph computes (keys in :mod:`exportminers.runtime.metadata`).
@@ -638,6 +640,12 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
         if compact:
             raise ValueError("gather_positives: not with compact=True (the graph's "
                              "unmatched_positives check would be lost); decode with OnnxMiner")
+        dtypes = getattr(miner, "gather_dtypes", None)
+        if callable(dtypes) and dtype not in dtypes():
+            raise ValueError(f"gather_positives: {name} graphs over listed positives are "
+                             f"exported in {[_DTYPE_NAMES[t] for t in dtypes()]} only, not "
+                             f"{_DTYPE_NAMES[dtype]}; export the dense graph (without "
+                             f"gather_positives) for {_DTYPE_NAMES[dtype]}")
     problem = getattr(miner, "export_problem", None)
     problem = problem() if callable(problem) else None
     if problem:

@@ -67,8 +67,11 @@ def _cases():
         if spec.row_independent:
             out.append(pytest.param(name, 0, "anchors", "float32", id=f"{name}-0-anchors-float32"))
         if name in ("TripletMarginMiner", "AngularMiner"):   # gather_positives=True graphs
-            for mode, dtype in (("gather-self", "float32"), ("gather-self", "float16"),
-                                ("gather-ref", "float32"), ("gather-anchors", "float32")):
+            modes = [("gather-self", "float32"), ("gather-ref", "float32"),
+                     ("gather-anchors", "float32")]
+            if name == "AngularMiner":   # TripletMargin's float16 gather graph is refused
+                modes.append(("gather-self", "float16"))
+            for mode, dtype in modes:
                 out.append(pytest.param(name, 0, mode, dtype, id=f"{name}-0-{mode}-{dtype}"))
     return out
 

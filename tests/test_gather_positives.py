@@ -124,6 +124,9 @@ def test_listed_positives_flags_every_wrong_list():
     assert check([1, 1, 2, 4]) == (2, [1])               # a repeat ends the list
     assert check([2, 4, 1, 2]) == (1, [2, 4])            # no repeat gets in after a step back
     assert check([-5, 1, 2, 4]) == (3, [])               # any negative value is padding
+    # one row for every anchor: broadcast, each anchor checked against its own positives
+    cols, valid, unmatched = lmu.listed_positives(pos, torch.tensor([[1, 2, 4]]))
+    assert cols.shape == (5, 3) and unmatched.tolist() == [0, 1, 1, 0, 1]
     assert check([1, 2, 9]) == (1, [1, 2])               # out of range
     assert check([]) == (3, [])
 
@@ -186,11 +189,28 @@ def test_triplet_margin_matches_pml_in_order(kw, pml_kw, tmp_path):
         assert all(np.array_equal(x, y.numpy()) for x, y in zip(got, want)), seed
 
 
-def test_float16_graph():
-    miner, path = _graph("TripletMarginMiner", 0, "self", dtype=torch.float16)
-    assert OnnxMiner(path).dtype == np.float16
+def test_float16_graph(tmp_path):
+    """AngularMiner's float16 graph gathers float64 terms: exact, ties included (rows
+    repeated under other labels give exact ties). TripletMarginMiner's is refused:
+    ONNX Runtime's CPU EP would round the gathered d(a, p) to float16 and leave d(a, n)
+    in float32, flipping exact ties."""
+    miner, path = _graph("AngularMiner", 0, "self", dtype=torch.float16)
+    om = OnnxMiner(path, providers=CPU)
+    assert om.dtype == np.float16
     report = verify_graph(miner, path, sizes=(12, 20), seed=5)
     assert report["ok"], json.dumps(report["runs"], indent=1)
+    _, dense = onnx_graph_cache.graph("AngularMiner", 0, dtype=torch.float16)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        base = rng.standard_normal((6, D)).astype(np.float16)
+        emb = np.concatenate([base, base[1:4], base[1:4]])
+        lab = rng.integers(0, 3, len(emb))
+        want = OnnxMiner(dense, providers=CPU)(emb, lab)
+        assert all(np.array_equal(g, w) for g, w in zip(om(emb, lab), want))
+    with pytest.raises(ValueError, match=r"gather_positives: TripletMarginMiner .* "
+                                         r"\['float32'\] only, not float16"):
+        export.export_onnx(miners.TripletMarginMiner(), tmp_path / "x.onnx",
+                           dtype=torch.float16, gather_positives=True)
 
 
 @pytest.mark.parametrize("labels", [[3] * 9, list(range(9)), [5], [0, 0]])

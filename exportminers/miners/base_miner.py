@@ -373,6 +373,11 @@ class DenseTripletKernelMiner(TripletKernelMiner):
         the miner tests (anchor, positive) pairs by :meth:`positive_block`."""
         return False
 
+    def gather_dtypes(self) -> List[torch.dtype]:
+        """Embedding dtypes whose listed-positive graphs compute exactly what the dense
+        graph computes."""
+        return [torch.float32, torch.float16]
+
     def gathered_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
                        valid: Tensor) -> Tensor:
         """:meth:`positive_block` over every anchor row (what :meth:`gather_kernel`

@@ -344,6 +344,13 @@ class TripletMarginMiner(DenseTripletKernelMiner):
     def gathers_positives(self) -> bool:
         return self.cap == 0
 
+    def gather_dtypes(self) -> List[torch.dtype]:
+        # float16: ONNX Runtime's CPU EP computes the dense graph's float16 margins from
+        # unrounded float32 distances, while the gathered d(a, p) (GatherElements has a
+        # float16 kernel) is rounded: exact ties would flip. Not exported until both
+        # sides round alike.
+        return [torch.float32]
+
     def positive_block(self, rows: List[Tensor], shared: List[Tensor], cols: Tensor,
                        valid: Tensor, start: int, stop: int) -> Tensor:
         mat = rows[0][start:stop]

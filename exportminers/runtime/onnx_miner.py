@@ -422,8 +422,11 @@ class OnnxMiner:
     def largest_tensor_elements(self, n: int, m: int, d: int, p: int = 0) -> int:
         """Most elements of any tensor the graph computes for ``n`` anchors, ``m``
         references (= ``n`` when self-mining), width ``d`` and, for ``gather_positives``
-        graphs, ``p`` listed positives per anchor. Remembered per sizes (a training loop
-        repeats them; evaluating the shapes costs a few us a call)."""
+        graphs, ``p`` listed positives per anchor (not given: ``m``, the most there can
+        be). Remembered per sizes (a training loop repeats them; evaluating the shapes
+        costs a few us a call)."""
+        if p <= 0 and self.gather_positives:
+            p = m   # not given: at most every reference is a positive
         key = (n, m, d, p)
         found = self._largest_seen.get(key)
         if found is None:
@@ -660,8 +663,8 @@ class OnnxMiner:
             # compact graphs record no shapes: their outputs are 1-D, of any length
             for name, dims in zip(self.output_names,
                                   self.output_shapes or [[0]] * len(self.output_names)):
-                shape = [n if s == "N" else m if s == "M" else (s if isinstance(s, int) else 0)
-                         for s in dims]
+                shape = [n if s == "N" else m if s == "M" else 1 if s == "P" else
+                         (s if isinstance(s, int) else 0) for s in dims]
                 out.append(np.zeros(shape, dtype=_ONNX_TO_NP.get(types[name], np.float32)))
             return out
         k = md.TUPLE_LENGTH[self.output_kind]

@@ -100,7 +100,9 @@ def listed_positives(pos: Tensor, positive_index: Tensor) -> Tuple[Tensor, Tenso
         are every positive exactly once; anything else is a wrong list (its triplets
         would be missing), which callers must check.
     """
-    idx = positive_index
+    # one row per anchor: a [1, P] list would broadcast and be checked against every
+    # anchor's positives at once
+    idx = positive_index + _ops.zeros_int_like(pos[:, :1])
     m_t = _ops.ones_int_like(pos[0]).sum()
     in_range = (idx >= 0) & (idx < m_t)
     cols = torch.where(in_range, idx, _ops.zeros_int_like(idx))
