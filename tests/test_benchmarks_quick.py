@@ -242,6 +242,18 @@ def test_report_tables_without_columns_and_untimed_rows():
 
 
 @pytest.mark.skipif(not _onnx_available(), reason="torch.onnx export unavailable here")
+def _assert_row_runs_graph_like_eager(row, graph, n, d):
+    """A TripletMarginMiner ORT row runs ``graph`` and mines the eager miner's tuples."""
+    from benchmarks import common, worker
+    from exportminers.verify import as_multisets
+    out = worker.run_row(dict(row), deadline=1e18)
+    assert out["status"] == "ok" and out["graph"] == graph
+    x, y = common.make_inputs(n, d, 8, 1, 0, 1.25)[0]
+    got = worker._build(dict(row), "cpu")(x.numpy(), y.numpy())
+    miner = common.build_ours("TripletMarginMiner", common.default_config("TripletMarginMiner"))
+    assert as_multisets(got, "triplets") == as_multisets(miner(x, y), "triplets")
+
+
 def test_rows_beyond_one_run_use_the_anchor_block_graph(tmp_path, monkeypatch):
     """Where one run of a self-mining graph would compute a tensor beyond 2^31 - 1 elements
     (shrunk here to 1,000), the export adds the miner's anchor-block graph and its decoded
@@ -250,7 +262,6 @@ def test_rows_beyond_one_run_use_the_anchor_block_graph(tmp_path, monkeypatch):
     gets no anchor-block graph and its rows at that size are skipped."""
     from benchmarks import common, worker
     from exportminers.runtime import onnx_miner
-    from exportminers.verify import as_multisets
     monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 1000)   # 12^3 > 1000 > 6^3
     d = 16
 
@@ -270,12 +281,7 @@ def test_rows_beyond_one_run_use_the_anchor_block_graph(tmp_path, monkeypatch):
     assert worker.pick_graph(dict(row), 12) == res["blocks_path"]
     with pytest.raises(worker.RowSkipped, match="1,728 elements.*anchor blocks"):
         worker.pick_graph(dict(row, impl="ort_cpu_raw"), 12)
-    out = worker.run_row(dict(row), deadline=1e18)
-    assert out["status"] == "ok" and out["graph"] == "anchor_blocks"
-    x, y = common.make_inputs(12, d, 8, 1, 0, 1.25)[0]
-    got = worker._build(dict(row), "cpu")(x.numpy(), y.numpy())
-    miner = common.build_ours("TripletMarginMiner", common.default_config("TripletMarginMiner"))
-    assert as_multisets(got, "triplets") == as_multisets(miner(x, y), "triplets")
+    _assert_row_runs_graph_like_eager(row, "anchor_blocks", 12, d)
 
     res = export("DistanceWeightedMiner")       # [N, N] tensors only: fits at 12 too
     assert res["status"] == "ok" and "blocks_path" not in res
@@ -298,7 +304,6 @@ def test_rows_of_gathering_miners_run_the_gather_positives_graph(tmp_path):
     take it only), the ONNX rows run it (marked, footnoted) with the eager tuples, and a
     fixed-shape row whose one run would pass 2^31 - 1 elements is skipped."""
     from benchmarks import common, worker
-    from exportminers.verify import as_multisets
     d = 16
 
     def export(name):
@@ -319,12 +324,7 @@ def test_rows_of_gathering_miners_run_the_gather_positives_graph(tmp_path):
     assert worker.pick_graph(dict(row, impl="ort_cpu_raw"), 16) == res["gather_path"]
     with pytest.raises(worker.RowSkipped, match="one run at N=50000"):
         worker.pick_graph(dict(row, impl="ort_cpu_raw"), 50000)   # 50000 * 7 * 50000
-    out = worker.run_row(dict(row), deadline=1e18)
-    assert out["status"] == "ok" and out["graph"] == "gather_positives"
-    x, y = common.make_inputs(16, d, 8, 1, 0, 1.25)[0]
-    got = worker._build(dict(row), "cpu")(x.numpy(), y.numpy())
-    miner = common.build_ours("TripletMarginMiner", common.default_config("TripletMarginMiner"))
-    assert as_multisets(got, "triplets") == as_multisets(miner(x, y), "triplets")
+    _assert_row_runs_graph_like_eager(row, "gather_positives", 16, d)
     md = bench_report.markdown(_result(rows=[
         _row("TripletMarginMiner", 64, "pml"),
         _row("TripletMarginMiner", 64, "ort_cpu", graph="gather_positives")]))
