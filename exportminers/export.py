@@ -570,8 +570,8 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
     Outputs: the kernel's tensors, named ``mask<k>`` (read by the layout as masks),
     ``index<k>`` (integer fields) or ``out<k>``; with ``compact``: ``a, p, n`` /
     ``a1, p, a2, n`` / ``indices``; with ``gather_positives``: ``mask0`` [N, P, M],
-    ``index1`` [N, P, 1] and ``unmatched_positives`` [N]. ``metadata_props`` record the package version, the
-    miner class and configuration, layout, input/output names and symbolic shapes, the
+    ``index1`` [N, P, 1] and ``unmatched_positives`` [N]. ``metadata_props`` record the
+    package version, the miner class and configuration, layout, input/output names and symbolic shapes, the
     noise shape, output kind, dtype, ``embedding_dim`` and the shapes of the largest
     tensors the graph computes (keys in :mod:`exportminers.runtime.metadata`).
 
@@ -736,8 +736,7 @@ def export_onnx(miner: nn.Module, path: Union[str, os.PathLike], *,
             dynamic_shapes["positive_index"] = {0: N, 1: torch.export.Dim("P", min=1,
                                                                           max=_DIM_MAX)}
         args = tuple(_example_inputs(miner, n_ex, m_ex, d, dtype, with_ref, nspec,
-                                     anchors=anchors,
-                                     gather_width=(m_ex if sized else n_ex) + 5 if gather else 0))
+                                     anchors=anchors, gather_width=widths[0] if widths else 0))
         graph = _graph_module(miner, with_ref, noisy, compact, anchors, gather)
         kwargs: Dict[str, Any] = {}
         kwargs["opset_version"] = DEFAULT_OPSET if opset is None else opset

@@ -69,9 +69,8 @@ def positive_index(labels, ref_labels=None, anchor_index=None) -> np.ndarray:
     cols = order[np.minimum(start[g][:, None] + slot[None, :], m - 1)]
     cols = np.where(listed, cols, -1)
     if own is not None:
-        # every anchor's own row is in its group exactly once: drop it, keeping the order
-        keep = cols != own[:, None]
-        cols = cols[keep].reshape(n, width - 1)
-        if width == 1:
+        if width == 1:   # the anchors' own rows only
             return np.full((n, 1), -1, dtype=np.int64)
+        # every anchor's own row is in its group exactly once: drop it, keeping the order
+        cols = cols[cols != own[:, None]].reshape(n, width - 1)
     return np.ascontiguousarray(cols)
