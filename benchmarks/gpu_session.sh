@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# One step of the GPU checks, run on a CUDA machine from the repository root (see
-# DEVELOPERS.md, "GPU checks"). Each step fits one 10-minute device call and leaves at
-# most a few files in $OUT (a tarball per results folder).
+# Steps of the GPU checks, run on a CUDA machine from the repository root (see
+# DEVELOPERS.md, "GPU checks"). Each step fits one 10-minute device call, stops itself in
+# time (a deadline / timeout per step, below) so its results always come back, and leaves
+# at most a few files in $OUT (a tarball per results folder). Several steps may be given
+# to one call: they run in order.
 #
 #   bash benchmarks/gpu_session.sh cuda-tests   # pytest -m cuda: placement, strict load, parity
 #   bash benchmarks/gpu_session.sh bench        # miner benchmark, N=256,1024 (SIZES=... to change)
 #   bash benchmarks/gpu_session.sh bench-4096   # the N=4096 rows of the slow miners
 #   bash benchmarks/gpu_session.sh pipeline     # bank pipeline vs the torch baseline + profile
 #
+# Time limits (seconds, environment): TEST_TIMEOUT_S (cuda-tests, 480), DEADLINE_S (bench
+# and bench-4096: no row starts after it, 450), PIPELINE_TIMEOUT_S (300). Benchmark rows
+# share worker processes (ROWS_PER_PROCESS, bench 6: one process start per miner and N
+# instead of per row; bench-4096 1, so each N=4096 row's memory is its own) and time
+# BUDGET_S (1) seconds of calls each; the worker's host-memory limit is off (MEM_LIMIT_GB,
+# 0: the CUDA driver's reservations make RLIMIT_* a poor fit, and the rows use the GPU).
+#
 # Needs onnxruntime-gpu importable (PYTHONPATH=/tmp/ortgpu-site, DEVELOPERS.md) and, for the
 # PML rows and the test harness, pytorch-metric-learning (carried in .whl/ when missing).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh cuda-tests|bench|bench-4096|pipeline}
+[ $# -ge 1 ] || { echo "usage: gpu_session.sh cuda-tests|bench|bench-4096|pipeline ..." >&2; exit 2; }
+for step in "$@"; do
+    case "$step" in cuda-tests|bench|bench-4096|pipeline) ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
 OUT=${OUT:-/tmp/exportminers-gpu}
 WORK=/tmp/exportminers-gpu-work
 mkdir -p "$OUT" "$WORK"
@@ -21,7 +35,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-python3 - <<'PY' 2>&1 | tee "$OUT/env_$step.txt"
+python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import onnxruntime as ort, torch, numpy, onnx
 print("onnxruntime", ort.__version__, ort.get_available_providers())
 print("torch", torch.__version__, "cuda", torch.version.cuda,
@@ -36,30 +50,41 @@ pack() {  # pack a results folder into one file under $OUT
     tar czf "$OUT/$1.tgz" -C "$WORK" "$1" && echo "results: \$OUT/$1.tgz"
 }
 
+MEM=(--mem-limit-gb "${MEM_LIMIT_GB:-0}")
+rc=0
+for step in "$@"; do
+echo "== step $step ($(date -u +%H:%M:%S))"
 case "$step" in
 cuda-tests)
-    EXPORTMINERS_CUDA_REPORT="$OUT/cuda_report.md" python3 -m pytest -q -m cuda -p no:cacheprovider \
-        -o addopts="" -s tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
+    EXPORTMINERS_CUDA_REPORT="$OUT/cuda_report.md" timeout "${TEST_TIMEOUT_S:-480}" \
+        python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -s tests/test_cuda.py \
+        2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
+    st=${PIPESTATUS[0]}
     ;;
 bench)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \
-        --cap-s "${CAP_S:-60}" 2>&1 | tee "$OUT/bench.log"
+        --cap-s "${CAP_S:-60}" --deadline-s "${DEADLINE_S:-450}" --budget-s "${BUDGET_S:-1}" \
+        --rows-per-process "${ROWS_PER_PROCESS:-6}" "${MEM[@]}" 2>&1 | tee "$OUT/bench.log"
+    st=${PIPESTATUS[0]}
     pack bench
     ;;
 bench-4096)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench4096" --sizes 4096 \
         --miners "${MINERS:-TripletMarginMiner,AngularMiner,DistanceWeightedMiner,UniformHistogramMiner}" \
-        --cap-s "${CAP_S:-120}" 2>&1 | tee "$OUT/bench4096.log"
+        --cap-s "${CAP_S:-120}" --deadline-s "${DEADLINE_S:-450}" --budget-s "${BUDGET_S:-1}" \
+        --rows-per-process "${ROWS_PER_PROCESS:-1}" "${MEM[@]}" 2>&1 | tee "$OUT/bench4096.log"
+    st=${PIPESTATUS[0]}
     pack bench4096
     ;;
 pipeline)
-    python3 benchmarks/bench_pipeline.py --out "$WORK/pipeline" --ort-profile \
+    timeout "${PIPELINE_TIMEOUT_S:-300}" python3 benchmarks/bench_pipeline.py \
+        --out "$WORK/pipeline" --ort-profile \
         --block-sizes "${BLOCKS:-2048x262144,4096x131072,8192x131072,2048x524288}" \
         2>&1 | tee "$OUT/pipeline.log"
+    st=${PIPESTATUS[0]}
     pack pipeline
     ;;
-*)
-    echo "unknown step $step" >&2
-    exit 2
-    ;;
 esac
+[ "$st" = 0 ] || { echo "== step $step: exit status $st"; rc=1; }
+done
+exit $rc

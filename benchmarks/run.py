@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"time cap per row (setup, warm-up and timed calls); past it: timeout "
                         f"(default: {DEFAULTS['cap_s']:g})")
     p.add_argument("--export-cap-s", type=float, default=300.0, help="time cap per ONNX export")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="wall-clock budget for the whole run (0: none): rows not started by "
+                        "then are recorded as skipped ('deadline') and the results written, so "
+                        "a run inside a time-limited job always leaves its JSON and tables")
     p.add_argument("--mem-limit-gb", type=float, default=8.0,
                    help="memory limit per worker process (0: none)")
     p.add_argument("--mem-limit-kind", choices=["auto", "as", "data", "none"], default="auto",
@@ -437,6 +441,7 @@ def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
         (args.cap_s > 0, f"--cap-s must be positive, got {args.cap_s:g}"),
         (args.export_cap_s > 0, f"--export-cap-s must be positive, got {args.export_cap_s:g}"),
         (args.budget_s >= 0, f"--budget-s must be 0 or more, got {args.budget_s:g}"),
+        (args.deadline_s >= 0, f"--deadline-s must be 0 (none) or more, got {args.deadline_s:g}"),
         (args.mem_limit_gb >= 0, f"--mem-limit-gb must be 0 (none) or more, got "
                                  f"{args.mem_limit_gb:g}"),
         (args.dim >= 1, f"--dim must be at least 1, got {args.dim}"),
@@ -632,6 +637,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     i = 0
     while i < len(runnable):
         chunk = []
+        if args.deadline_s > 0 and time.monotonic() - t_start > args.deadline_s:
+            for r in runnable[i:]:
+                rows.append(dict(r, status="skipped",
+                                 reason=f"deadline: --deadline-s {args.deadline_s:g} reached "
+                                        f"before this row started"))
+            log(f"[bench] --deadline-s {args.deadline_s:g} reached: {len(runnable) - i} rows "
+                f"not run (recorded as skipped)")
+            break
         while i < len(runnable) and len(chunk) < per:
             r = runnable[i]
             i += 1

@@ -85,12 +85,32 @@ from benchmarks import report as bench_report  # noqa: E402
     (["--sizes", "0,-8"], "batch sizes must be positive"),
     (["--quick", "--sizes", "-1"], "batch sizes must be positive"),
     (["--pipeline"], "--pipeline on --device cpu"),
+    (["--deadline-s", "-1"], "--deadline-s must be 0 (none) or more"),
 ])
 def test_run_rejects_bad_arguments(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_run.parse_args(argv + ["--out", str(tmp_path)])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_deadline_records_unstarted_rows_and_still_writes_results(tmp_path):
+    # a run inside a time-limited job (the GPU machine's 10-minute calls): once the
+    # deadline has passed, no further row starts, the rest are recorded as skipped, and
+    # the JSON / markdown are written as usual
+    rc = bench_run.main(["--device", "cpu", "--miners", "BatchHardMiner,PairMarginMiner",
+                         "--sizes", "32", "--impls", "eager,torchscript", "--warmup", "1",
+                         "--repeats", "1", "--min-repeats", "1", "--rows-per-process", "1",
+                         "--threads", "1", "--deadline-s", "1e-9", "--no-plots",
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench_cpu.json").read_text())["rows"]
+    assert len(rows) == 4, rows
+    assert all(r["status"] == "skipped" for r in rows), rows
+    assert all(r["reason"].startswith("deadline: --deadline-s 1e-09") for r in rows)
+    assert {(r["miner"], r["impl"]) for r in rows} == {
+        (m, i) for m in ("BatchHardMiner", "PairMarginMiner") for i in ("eager", "torchscript")}
+    assert "deadline" in (tmp_path / "bench_cpu.md").read_text()
 
 
 def test_run_rejects_out_that_is_a_file(tmp_path, capsys):

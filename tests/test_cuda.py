@@ -85,26 +85,40 @@ def _graph(name, cfg, mode, dtype):
         gather_positives=mode.startswith("gather"))
 
 
+def _table() -> str:
+    cols = ("graph", "strict", "cpu nodes", "memcpy", "parity", "tuples", "sec")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in ROWS:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _write_report() -> None:
+    out = os.environ.get("EXPORTMINERS_CUDA_REPORT")
+    if out and ROWS:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(_table() + "\n")
+        with open(out + ".json", "w", encoding="utf-8") as f:
+            json.dump(ROWS, f, indent=1)
+
+
+@pytest.fixture(autouse=True)
+def _report_so_far():
+    # rewritten after every test: a run cut off by a time limit keeps its rows so far
+    yield
+    _write_report()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
     if not ROWS:
         return
-    cols = ("graph", "strict", "cpu nodes", "memcpy", "parity", "tuples", "sec")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in ROWS:
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    text = "\n".join(lines)
     print("\n\nONNX Runtime CUDA EP, per graph (onnxruntime "
           f"{ort.__version__}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no torch CUDA'})\n"
-          + text)
-    out = os.environ.get("EXPORTMINERS_CUDA_REPORT")
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        with open(out + ".json", "w", encoding="utf-8") as f:
-            json.dump(ROWS, f, indent=1)
+          + _table())
+    _write_report()
 
 
 @pytest.mark.parametrize("name,cfg,mode,dtype", _cases())
