@@ -12,7 +12,7 @@
 #
 # Time limits (seconds, environment): TEST_TIMEOUT_S (cuda-tests, 480), DEADLINE_S (bench
 # and bench-4096: no row starts after it, 450), PIPELINE_TIMEOUT_S (300). Benchmark rows
-# share worker processes (ROWS_PER_PROCESS, bench 6: one process start per miner and N
+# share worker processes (ROWS_PER_PROCESS, bench 5: one process start per miner and N
 # instead of per row; bench-4096 1, so each N=4096 row's memory is its own) and time
 # BUDGET_S (1) seconds of calls each; the worker's host-memory limit is off (MEM_LIMIT_GB,
 # 0: the CUDA driver's reservations make RLIMIT_* a poor fit, and the rows use the GPU).
@@ -64,7 +64,7 @@ cuda-tests)
 bench)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \
         --cap-s "${CAP_S:-60}" --deadline-s "${DEADLINE_S:-450}" --budget-s "${BUDGET_S:-1}" \
-        --rows-per-process "${ROWS_PER_PROCESS:-6}" "${MEM[@]}" 2>&1 | tee "$OUT/bench.log"
+        --rows-per-process "${ROWS_PER_PROCESS:-5}" "${MEM[@]}" 2>&1 | tee "$OUT/bench.log"
     st=${PIPESTATUS[0]}
     pack bench
     ;;
