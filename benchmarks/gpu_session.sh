@@ -31,7 +31,7 @@ WORK=/tmp/exportminers-gpu-work
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=/tmp/ortgpu-site:$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning, xdist" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
@@ -43,6 +43,17 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 print("numpy", numpy.__version__, "onnx", onnx.__version__)
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     raise SystemExit("no CUDAExecutionProvider: install onnxruntime-gpu first (DEVELOPERS.md)")
+# listed is not loaded: a missing CUDA / cuDNN library makes sessions fall back to the CPU
+from onnx import TensorProto, helper
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+m.ir_version = 8
+s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
+if s.get_providers()[0] != "CUDAExecutionProvider":
+    raise SystemExit(f"the CUDA provider does not load: session providers {s.get_providers()}")
+print("a CUDA session loads:", s.run(None, {"x": numpy.array([-1.0, 2.0], numpy.float32)})[0])
 PY
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
 
@@ -56,10 +67,27 @@ for step in "$@"; do
 echo "== step $step ($(date -u +%H:%M:%S))"
 case "$step" in
 cuda-tests)
-    EXPORTMINERS_CUDA_REPORT="$OUT/cuda_report.md" timeout "${TEST_TIMEOUT_S:-480}" \
-        python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -s tests/test_cuda.py \
-        2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
+    # graphs exported ahead here (python tests/onnx_graph_cache.py .graphs, carried) save
+    # the exports' minutes; pytest-xdist (carried in .whl/) runs TEST_WORKERS at once
+    [ -d .graphs ] && export EXPORTMINERS_TEST_GRAPHS=$PWD/.graphs
+    XD=(); python3 -c "import xdist" 2>/dev/null && XD=(-n "${TEST_WORKERS:-4}")
+    rm -f "$WORK"/cuda_report.md*
+    EXPORTMINERS_CUDA_REPORT="$WORK/cuda_report.md" timeout "${TEST_TIMEOUT_S:-480}" \
+        python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE "${XD[@]}" \
+        tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
     st=${PIPESTATUS[0]}
+    python3 - "$WORK" "$OUT/cuda_report.md" <<'PY'   # one table from every worker's rows
+import glob, json, sys
+rows = []
+for f in sorted(glob.glob(sys.argv[1] + "/cuda_report.md*.json")):
+    rows += json.load(open(f))
+rows.sort(key=lambda r: r["graph"])
+cols = ("graph", "strict", "cpu nodes", "memcpy", "parity", "tuples", "sec")
+with open(sys.argv[2], "w") as f:
+    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    f.writelines("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows)
+print(f"cuda_report.md: {len(rows)} graphs")
+PY
     ;;
 bench)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \

@@ -5,6 +5,7 @@ test_export_onnx.py and test_runtime.py ask this cache instead of exporting them
 A failed export is cached too and re-raised on every request.
 """
 import atexit
+import os
 import shutil
 import tempfile
 from typing import Any, Dict, Optional, Tuple
@@ -19,10 +20,19 @@ _CACHE: Dict[Tuple[Any, ...], Tuple[Any, Optional[str], Optional[BaseException]]
 
 
 def _root() -> str:
+    """A temporary folder removed at exit, or ``$EXPORTMINERS_TEST_GRAPHS`` when set: a
+    folder kept between runs whose graphs are used as they are (exported ahead on another
+    machine by ``python tests/onnx_graph_cache.py FOLDER``, e.g. for the GPU machine, where
+    device time is scarce). Only for graphs exported from the same source tree."""
     global _ROOT
     if _ROOT is None:
-        _ROOT = tempfile.mkdtemp(prefix="exportminers-graphs-")
-        atexit.register(shutil.rmtree, _ROOT, True)
+        keep = os.environ.get("EXPORTMINERS_TEST_GRAPHS")
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            _ROOT = os.path.abspath(keep)
+        else:
+            _ROOT = tempfile.mkdtemp(prefix="exportminers-graphs-")
+            atexit.register(shutil.rmtree, _ROOT, True)
     return _ROOT
 
 
@@ -45,6 +55,9 @@ def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = 
             _CACHE[key] = (miner, None, fixed_n[0])
         else:
             try:
+                if os.path.isfile(path) and os.environ.get("EXPORTMINERS_TEST_GRAPHS"):
+                    _CACHE[key] = (miner, path, None)   # exported ahead (see _root)
+                    return miner, path
                 export.export_onnx(miner, path, embedding_dim=embedding_dim, with_ref=with_ref,
                                    dtype=dtype, compact=compact, anchor_blocks=anchor_blocks,
                                    gather_positives=gather_positives)
@@ -60,3 +73,21 @@ def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = 
 def ref_graph(name: str):
     """The with_ref graph of ``name``'s first config with a dynamic embedding width."""
     return graph(name, 0, with_ref=True, embedding_dim=None)
+
+
+if __name__ == "__main__":   # export test_cuda.py's graphs ahead into a kept folder
+    import sys
+
+    os.environ["EXPORTMINERS_TEST_GRAPHS"] = sys.argv[1]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_cuda
+
+    failed = 0
+    for case in test_cuda._cases():
+        try:
+            test_cuda._graph(*case.values)
+        except Exception as e:   # the test reports it; keep going
+            failed += 1
+            print("export failed:", case.id, type(e).__name__, str(e)[:200])
+    graph("TripletMarginMiner", anchor_blocks=True)
+    print(f"{len(os.listdir(sys.argv[1]))} graphs in {sys.argv[1]}, {failed} failed")
