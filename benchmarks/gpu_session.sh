@@ -10,12 +10,13 @@
 #   bash benchmarks/gpu_session.sh bench-4096   # the N=4096 rows of the slow miners
 #   bash benchmarks/gpu_session.sh pipeline     # bank pipeline vs the torch baseline + profile
 #
-# Time limits (seconds, environment): TEST_TIMEOUT_S (cuda-tests, 480), DEADLINE_S (bench
-# and bench-4096: no row starts after it, 450), PIPELINE_TIMEOUT_S (300). Benchmark rows
-# share worker processes (ROWS_PER_PROCESS, bench 5: one process start per miner and N
-# instead of per row; bench-4096 1, so each N=4096 row's memory is its own) and time
-# BUDGET_S (1) seconds of calls each; the worker's host-memory limit is off (MEM_LIMIT_GB,
-# 0: the CUDA driver's reservations make RLIMIT_* a poor fit, and the rows use the GPU).
+# Time limits (seconds, environment): TEST_TIMEOUT_S (cuda-tests, 480), DEADLINE_S (no
+# benchmark row starts after it: bench 420, bench-4096 360 for its 120 s rows),
+# PIPELINE_TIMEOUT_S (300). Benchmark rows share worker processes (ROWS_PER_PROCESS, bench
+# 5: one process start per miner and N instead of per row; bench-4096 1, so each N=4096
+# row's memory is its own) and time BUDGET_S (1) seconds of calls each; the worker's
+# host-memory limit is off (MEM_LIMIT_GB, 0: the CUDA driver's reservations make RLIMIT_*
+# a poor fit, and the rows use the GPU).
 #
 # Needs onnxruntime-gpu importable (PYTHONPATH=/tmp/ortgpu-site, DEVELOPERS.md) and, for the
 # PML rows and the test harness, pytorch-metric-learning (carried in .whl/ when missing).
@@ -31,10 +32,11 @@ WORK=/tmp/exportminers-gpu-work
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=/tmp/ortgpu-site:$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning, xdist" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+# PML 2.9.0 imports scipy and tqdm: carry their wheels too where the machine lacks them
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytorch_metric_learning.miners, xdist" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import onnxruntime as ort, torch, numpy, onnx
 print("onnxruntime", ort.__version__, ort.get_available_providers())
@@ -91,7 +93,7 @@ PY
     ;;
 bench)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \
-        --cap-s "${CAP_S:-60}" --deadline-s "${DEADLINE_S:-450}" --budget-s "${BUDGET_S:-1}" \
+        --cap-s "${CAP_S:-60}" --deadline-s "${DEADLINE_S:-420}" --budget-s "${BUDGET_S:-1}" \
         --rows-per-process "${ROWS_PER_PROCESS:-5}" "${MEM[@]}" 2>&1 | tee "$OUT/bench.log"
     st=${PIPESTATUS[0]}
     pack bench
@@ -99,7 +101,7 @@ bench)
 bench-4096)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench4096" --sizes 4096 \
         --miners "${MINERS:-TripletMarginMiner,AngularMiner,DistanceWeightedMiner,UniformHistogramMiner}" \
-        --cap-s "${CAP_S:-120}" --deadline-s "${DEADLINE_S:-450}" --budget-s "${BUDGET_S:-1}" \
+        --cap-s "${CAP_S:-120}" --deadline-s "${DEADLINE_S:-360}" --budget-s "${BUDGET_S:-1}" \
         --rows-per-process "${ROWS_PER_PROCESS:-1}" "${MEM[@]}" 2>&1 | tee "$OUT/bench4096.log"
     st=${PIPESTATUS[0]}
     pack bench4096

@@ -87,9 +87,20 @@ class BlockRunner:
                               "fallback allowed")
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
+                if profile_prefix:
+                    so.enable_profiling = True
+                    so.profile_file_prefix = str(profile_prefix)
                 self.sess = ort.InferenceSession(
                     str(self.path), so,
                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if self.sess.get_providers()[0] != "CUDAExecutionProvider":
+                # listed but not loaded (a CUDA / cuDNN library missing): ONNX Runtime
+                # would run on the CPU and the device-bound blocks would fail later
+                raise RuntimeError(
+                    f"device 'cuda': ONNX Runtime's CUDAExecutionProvider did not load "
+                    f"(session providers {self.sess.get_providers()}); check that the CUDA "
+                    f"and cuDNN libraries onnxruntime-gpu {ort.__version__} needs are "
+                    f"installed (importing torch first loads them), or use device 'cpu'")
         else:
             from ..runtime.arena import default_cpu_options   # one call's peak memory
 
