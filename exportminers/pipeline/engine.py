@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..runtime import compat
+from ..runtime.providers import exact_providers
 from .config import F32, MineConfig, band_to_dtype
 from .graphs import GraphSpec, graph_path
 from .sources import SENTINEL, RowBlock
@@ -78,8 +79,8 @@ class BlockRunner:
             # Strict placement: every node on CUDA (the graph has no shape nodes).
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
             try:
-                self.sess = ort.InferenceSession(str(self.path), so,
-                                                 providers=["CUDAExecutionProvider"])
+                self.sess = ort.InferenceSession(
+                    str(self.path), so, providers=exact_providers(["CUDAExecutionProvider"]))
             except Exception as e:  # pragma: no cover - needs a GPU
                 import warnings
 
@@ -92,7 +93,7 @@ class BlockRunner:
                     so.profile_file_prefix = str(profile_prefix)
                 self.sess = ort.InferenceSession(
                     str(self.path), so,
-                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                    providers=exact_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]))
             if self.sess.get_providers()[0] != "CUDAExecutionProvider":
                 # listed but not loaded (a CUDA / cuDNN library missing): ONNX Runtime
                 # would run on the CPU and the device-bound blocks would fail later

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from . import arena, checks_np, compat, decode_np, positives
+from .providers import exact_providers
 from . import metadata as md
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -264,7 +265,11 @@ class OnnxMiner:
             the CUDA EP, :data:`CPU_BLOCK_ELEMENTS` or a larger tensor every run computes
             anyway on the CPU EP).
         check_finite: reject NaN/inf embeddings (default: as the exported miner).
-        provider_options: passed to ``InferenceSession``.
+        provider_options: one options dict per provider, passed to ``InferenceSession``.
+        allow_tf32: let ONNX Runtime's CUDA EP run float32 matmuls in TF32 (its own
+            default). Off by default: TF32 rounds the inputs to 10 mantissa bits, moving
+            distances by about 1e-3, and the mined tuples then differ from the eager
+            miner's and PML's near every margin (see :mod:`exportminers.runtime.providers`).
 
     Calling it: ``om(embeddings, labels[, ref_emb, ref_labels], seed=None, noise=None,
     return_raw=False, device_output=False)``.
@@ -298,7 +303,8 @@ class OnnxMiner:
                  session_options=None, *, seed: Optional[int] = None,
                  chunk_size: Optional[int] = None, max_block_elements: Optional[int] = None,
                  check_finite: Optional[bool] = None,
-                 provider_options: Optional[Sequence[Dict[str, Any]]] = None):
+                 provider_options: Optional[Sequence[Dict[str, Any]]] = None,
+                 allow_tf32: bool = False):
         import onnxruntime as ort
 
         self.path = os.fspath(path)
@@ -312,16 +318,17 @@ class OnnxMiner:
         compat.warn_if_untested(ort)
         if session_options is None and arena.cpu_only(list(providers)):
             session_options = arena.default_cpu_options(ort)   # see exportminers.runtime.arena
+        providers = exact_providers(providers, provider_options, allow_tf32)
         try:
             self.session = ort.InferenceSession(
-                self.path, sess_options=session_options, providers=list(providers),
-                provider_options=provider_options, **compat.session_kwargs(ort))
+                self.path, sess_options=session_options, providers=providers,
+                **compat.session_kwargs(ort))
         except Exception as e:
             text = str(e)
             if "fallback" in text.lower() and "disable" in text.lower():
                 raise ValueError(
                     f"path {self.path!r}: ONNX Runtime cannot place every node on providers "
-                    f"{list(providers)} with CPU fallback disabled (session_options: "
+                    f"{[p[0] for p in providers]} with CPU fallback disabled (session_options: "
                     f"session.disable_cpu_ep_fallback=1); available here: "
                     f"{ort.get_available_providers()} ({type(e).__name__}: "
                     f"{text.strip()[:300]})") from e
