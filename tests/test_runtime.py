@@ -901,29 +901,3 @@ def test_node_placement_reads_onnx_runtimes_log(graphs):
     # a strict session names the first provider alone; with the CPU EP it is refused
     sess, why = pl.strict_session(path, "CPUExecutionProvider")
     assert sess is None and "CPU" in why
-
-
-def test_hdc_graph_counts_pairs_in_int32_and_refuses_more_pairs():
-    """HDCMiner's radix-select histograms are int32 in the graph (ONNX Runtime's CUDA EP
-    adds int64 with a compare-and-swap loop that crawls when most pairs share a bin:
-    19.5 s at N = 1024 on an H100), so OnnxMiner refuses calls with 2^31 or more pairs
-    instead of letting a count wrap."""
-    import onnx
-    from exportminers.runtime.onnx_miner import CUDA_MAX_ELEMENTS
-
-    _, path = onnx_graph_cache.graph("HDCMiner")
-    model = onnx.shape_inference.infer_shapes(onnx.load(path))
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(model.graph.value_info) + list(model.graph.input)}
-    scatters = [n for n in model.graph.node if n.op_type == "ScatterElements"]
-    assert scatters
-    assert all(types.get(n.input[0]) == onnx.TensorProto.INT32 for n in scatters), \
-        [(n.name, types.get(n.input[0])) for n in scatters]
-    om = OnnxMiner(path, providers=["CPUExecutionProvider"])
-    try:   # 46340^2 < 2^31 pairs: not refused for the count (a small machine's memory may)
-        om._rows_per_block(46340, 46340, onnx_graph_cache.D)
-    except ValueError as e:
-        assert "int32" not in str(e)
-    with pytest.raises(ValueError, match="HDCMiner graphs count pairs in int32"):
-        om._rows_per_block(46341, 46341, onnx_graph_cache.D)
-    assert 46341 ** 2 > CUDA_MAX_ELEMENTS >= 46340 ** 2

@@ -192,13 +192,9 @@ def _radix_level(d: Tensor, bits: int, match: Tensor, kept: Tensor, want: Tensor
     """
     size = 1 << bits
     idx = (d + other * float(size)).to(torch.int64).reshape(-1)
-    # int32 counts: ONNX Runtime's CUDA EP adds int64 with a compare-and-swap loop, which
-    # crawls when most pairs share a bin (the first, exponent digit: 148 ms at N = 256,
-    # 19.5 s at 1024 on an H100); int32 atomics are native. Exact below 2^31 pairs, which
-    # every graph run on CUDA is (its tensor limit) and OnnxMiner checks elsewhere.
-    hist = torch.zeros(2 * size, dtype=torch.int32, device=d.device)
-    hist = hist.scatter_add(0, idx, match.to(torch.int32).reshape(-1))
-    cum = torch.cumsum(hist.reshape(2, size), 1, dtype=torch.int64)
+    hist = torch.zeros(2 * size, dtype=torch.int64, device=d.device)
+    hist = hist.scatter_add(0, idx, match.to(torch.int64).reshape(-1))
+    cum = torch.cumsum(hist.reshape(2, size), 1)
     before = cum < want.unsqueeze(1)
     cut = before.to(d.dtype).sum(1)   # float sums: exact here, and fast in ONNX Runtime
     want = want - torch.where(before, cum, cum * 0).amax(1)

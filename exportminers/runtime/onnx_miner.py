@@ -477,11 +477,6 @@ class OnnxMiner:
         (:func:`physical_memory_bytes`), a certain failure as every element takes at
         least a byte (chunkable graphs are then cut to the default CPU blocks).
         ``return_raw`` is one run."""
-        if self.miner_name == "HDCMiner" and n * m > CUDA_MAX_ELEMENTS:
-            # its graph counts pairs in int32 histograms (exportminers.miners.hdc_miner)
-            raise ValueError(f"embeddings: HDCMiner graphs count pairs in int32; {n} x {m} = "
-                             f"{n * m:,} pairs is more than {CUDA_MAX_ELEMENTS:,}: mine "
-                             f"smaller batches")
         per = n
         if self.chunk_size is not None:
             per = min(n, self.chunk_size)
