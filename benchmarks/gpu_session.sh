@@ -6,7 +6,7 @@
 # to one call: they run in order.
 #
 #   bash benchmarks/gpu_session.sh cuda-tests   # pytest -m cuda: placement, strict load, parity
-#   bash benchmarks/gpu_session.sh bench        # miner benchmark, N=256,1024 (SIZES=... to change)
+#   bash benchmarks/gpu_session.sh bench        # miner benchmark, N=256,1024 (SIZES=, MINERS= to change)
 #   bash benchmarks/gpu_session.sh bench-4096   # the N=4096 rows of the slow miners
 #   bash benchmarks/gpu_session.sh pipeline     # bank pipeline vs the torch baseline + profile
 #
@@ -92,7 +92,7 @@ print(f"cuda_report.md: {len(rows)} graphs")
 PY
     ;;
 bench)
-    python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" \
+    python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" ${MINERS:+--miners "$MINERS"} \
         --cap-s "${CAP_S:-60}" --deadline-s "${DEADLINE_S:-420}" --budget-s "${BUDGET_S:-1}" \
         --rows-per-process "${ROWS_PER_PROCESS:-5}" "${MEM[@]}" 2>&1 | tee "$OUT/bench.log"
     st=${PIPESTATUS[0]}
