@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_session.sh pipeline     # bank pipeline vs the torch baseline + profile
 #
 # Time limits (seconds, environment): TEST_TIMEOUT_S (cuda-tests, 480), DEADLINE_S (no
-# benchmark row starts after it: bench 420, bench-4096 360 for its 120 s rows),
+# benchmark row starts after it, and the run ends by it plus one row's cap: bench 420 + 60,
+# bench-4096 360 + 120),
 # PIPELINE_TIMEOUT_S (300). Benchmark rows share worker processes (ROWS_PER_PROCESS, bench
 # 5: one process start per miner and N instead of per row; bench-4096 1, so each N=4096
 # row's memory is its own) and time BUDGET_S (1) seconds of calls each; the worker's
@@ -75,7 +76,7 @@ cuda-tests)
     XD=(); python3 -c "import xdist" 2>/dev/null && XD=(-n "${TEST_WORKERS:-4}")
     rm -f "$WORK"/cuda_report.md*
     EXPORTMINERS_CUDA_REPORT="$WORK/cuda_report.md" timeout "${TEST_TIMEOUT_S:-480}" \
-        python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE "${XD[@]}" \
+        python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE ${XD[@]+"${XD[@]}"} \
         tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
     st=${PIPESTATUS[0]}
     python3 - "$WORK" "$OUT/cuda_report.md" <<'PY'   # one table from every worker's rows

@@ -42,8 +42,9 @@ for path, n, cuts in jobs:
         feeds = {i.name: feeds[i.name] for i in m.graph.input}
     for i in ([] if feeds else m.graph.input):
         et = i.type.tensor_type.elem_type
-        if et == onnx.TensorProto.FLOAT:
-            feeds[i.name] = rng.standard_normal((n, 128)).astype(np.float32)
+        if i.name in ("embeddings", "ref_emb"):
+            feeds[i.name] = rng.standard_normal((n, 128)).astype(
+                np.float16 if et == onnx.TensorProto.FLOAT16 else np.float32)
         elif et == onnx.TensorProto.INT64 and len(i.type.tensor_type.shape.dim) == 1 and "label" in i.name:
             feeds[i.name] = rng.integers(0, n // 8, n).astype(np.int64)
         elif i.name == "noise":

@@ -363,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULTS['cap_s']:g})")
     p.add_argument("--export-cap-s", type=float, default=300.0, help="time cap per ONNX export")
     p.add_argument("--deadline-s", type=float, default=0.0,
-                   help="wall-clock budget for the whole run (0: none): rows not started by "
-                        "then are recorded as skipped ('deadline') and the results written, so "
-                        "a run inside a time-limited job always leaves its JSON and tables")
+                   help="wall-clock budget for the rows (0: none): rows not started by then "
+                        "are recorded as skipped ('deadline') and the results written, and "
+                        "near it rows stop sharing workers, so the run ends by the deadline "
+                        "plus one row's --cap-s (exports, which come first, not counted)")
     p.add_argument("--mem-limit-gb", type=float, default=8.0,
                    help="memory limit per worker process (0: none)")
     p.add_argument("--mem-limit-kind", choices=["auto", "as", "data", "none"], default="auto",
@@ -645,7 +646,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"[bench] --deadline-s {args.deadline_s:g} reached: {len(runnable) - i} rows "
                 f"not run (recorded as skipped)")
             break
-        while i < len(runnable) and len(chunk) < per:
+        room = per
+        if args.deadline_s > 0:   # a chunk whose rows all run to their cap ends by the deadline
+            left = args.deadline_s - (time.monotonic() - t_start)
+            room = max(1, min(per, int(left // args.cap_s)))
+        while i < len(runnable) and len(chunk) < room:
             r = runnable[i]
             i += 1
             first = timed_out.get((r["miner"], r["impl"]))

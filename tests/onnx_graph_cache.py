@@ -19,6 +19,23 @@ _ROOT: Optional[str] = None
 _CACHE: Dict[Tuple[Any, ...], Tuple[Any, Optional[str], Optional[BaseException]]] = {}
 
 
+def _source_digest() -> str:
+    """sha256 of the exportminers package's Python sources (what the graphs come from)."""
+    import hashlib
+
+    pkg = os.path.dirname(os.path.abspath(export.__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(pkg)):
+        dirnames.sort()
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                h.update(os.path.relpath(path, pkg).encode())
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
 def _root() -> str:
     """A temporary folder removed at exit, or ``$EXPORTMINERS_TEST_GRAPHS`` when set: a
     folder kept between runs whose graphs are used as they are (exported ahead on another
@@ -30,6 +47,15 @@ def _root() -> str:
         if keep:
             os.makedirs(keep, exist_ok=True)
             _ROOT = os.path.abspath(keep)
+            # graphs of another source tree are stale: drop them (the tag file says whose)
+            tag, stamp = os.path.join(_ROOT, "SOURCE"), _source_digest()
+            old = open(tag).read() if os.path.isfile(tag) else None
+            if old != stamp:
+                for f in os.listdir(_ROOT):
+                    if f.endswith(".onnx"):
+                        os.remove(os.path.join(_ROOT, f))
+                with open(tag, "w") as f:
+                    f.write(stamp)
         else:
             _ROOT = tempfile.mkdtemp(prefix="exportminers-graphs-")
             atexit.register(shutil.rmtree, _ROOT, True)
@@ -58,9 +84,11 @@ def graph(name: str, cfg: int = 0, with_ref: bool = False, dtype: torch.dtype = 
                 if os.path.isfile(path) and os.environ.get("EXPORTMINERS_TEST_GRAPHS"):
                     _CACHE[key] = (miner, path, None)   # exported ahead (see _root)
                     return miner, path
-                export.export_onnx(miner, path, embedding_dim=embedding_dim, with_ref=with_ref,
+                tmp = f"{path}.{os.getpid()}.tmp"   # written whole, then moved in place
+                export.export_onnx(miner, tmp, embedding_dim=embedding_dim, with_ref=with_ref,
                                    dtype=dtype, compact=compact, anchor_blocks=anchor_blocks,
                                    gather_positives=gather_positives)
+                os.replace(tmp, path)
                 _CACHE[key] = (miner, path, None)
             except Exception as e:
                 _CACHE[key] = (miner, None, e)

@@ -113,6 +113,24 @@ def test_deadline_records_unstarted_rows_and_still_writes_results(tmp_path):
     assert "deadline" in (tmp_path / "bench_cpu.md").read_text()
 
 
+def test_rows_stop_sharing_workers_when_a_shared_one_could_outlast_the_deadline(tmp_path):
+    # with 100 s left and a 60 s cap, a worker of 5 rows could run 300 s past its start:
+    # each row gets its own worker (no row is marked as sharing one), so the run ends by
+    # the deadline plus one row's cap
+    argv = ["--device", "cpu", "--miners", "BatchHardMiner", "--sizes", "32",
+            "--impls", "eager,torchscript", "--warmup", "1", "--repeats", "1",
+            "--min-repeats", "1", "--rows-per-process", "5", "--cap-s", "60", "--threads", "1",
+            "--no-plots"]
+    assert bench_run.main(argv + ["--deadline-s", "100", "--out", str(tmp_path / "d")]) == 0
+    rows = json.loads((tmp_path / "d" / "bench_cpu.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert not any(r.get("mem_shared_process") for r in rows), rows
+    # without a deadline the two rows share one worker
+    assert bench_run.main(argv + ["--out", str(tmp_path / "n")]) == 0
+    rows = json.loads((tmp_path / "n" / "bench_cpu.json").read_text())["rows"]
+    assert sum(bool(r.get("mem_shared_process")) for r in rows) == 1, rows
+
+
 def test_run_rejects_out_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("x")

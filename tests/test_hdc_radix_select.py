@@ -43,3 +43,26 @@ def test_radix_select_equals_the_kthvalue_selection(dtype, kind, seed):
             for w, x in zip(want, got):
                 assert torch.equal(w, x), (kind, inverted, k)
             assert [int(x.sum()) for x in got] == list(k)
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [
+    (torch.float16, 0.1, 2.0),       # unit-scale distances in a float16 graph
+    (torch.float32, 0.1, 2.0),
+    (torch.float32, 600.0, 5000.0),  # L_p distances of unnormalised embeddings
+    (torch.float64, 1e-30, 1e30),
+])
+def test_lanes_spread_values_of_any_magnitude_and_dtype(dtype, lo, hi):
+    # the point of the lanes: pairs that share an exponent bin use many counters
+    from exportminers.miners.hdc_miner import _lane
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(
+        float(torch.tensor(lo).log()), float(torch.tensor(hi).log()), generator=g))
+    a = x.to(dtype).to(torch.float64)
+    e = torch.floor(torch.log2(a))
+    lane = _lane(a, e)
+    assert bool(((lane >= 0) & (lane <= 63) & (lane == lane.floor())).all())
+    assert len(torch.unique(lane)) >= 48
+    special = torch.tensor([0.0, float("inf"), float("nan"), 2.0 ** -140], dtype=torch.float64)
+    e_special = torch.tensor([-126.0, 129.0, 130.0, -126.0], dtype=torch.float64)
+    assert _lane(special, e_special).tolist() == [0.0, 63.0, 0.0, 0.0]

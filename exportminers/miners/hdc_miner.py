@@ -144,15 +144,8 @@ def _radix_select(mat: Tensor, pos: Tensor, neg: Tensor, flip: Tensor,
     want = k                               # Tensor[2] int64: rank of the cut-off still wanted
     match = pos | neg
     kept = match & False
-    # Lanes for the exponent level only: nearly every pair shares one exponent bin, and
-    # ONNX Runtime's CUDA scatter-add serialises on a contended bin (148 ms at N = 256,
-    # 19.5 s at 1024 on an H100, where the later, spread-out levels take 5 ms). A pair's
-    # lane is the low 6 bits of floor(|x| * 2^20) (0 for |x| >= 2^30 and NaN), so equal
-    # exponents spread over 64 counters, summed after the scatter: the counts are the same.
-    fine = torch.where(a < float(1 << 30), a, 0.0)
-    lane = torch.floor(fine * float(1 << 20)) - torch.floor(fine * float(1 << 14)) * 64.0
     cut, want, kept, match = _radix_level(group, group_bits, match, kept, want, pos_f, other,
-                                          lane.to(wt))
+                                          _lane(a, e).to(wt))
 
     # the cut-off group's significands: one scale (and direction) per pool
     cut_rev = cut < h_off
@@ -182,6 +175,21 @@ def _radix_select(mat: Tensor, pos: Tensor, neg: Tensor, flip: Tensor,
     pos_ok = _row_major_cumsum((match & pos).to(torch.int64)) <= want[0]
     neg_ok = _row_major_cumsum((match & neg).to(torch.int64)) <= want[1]
     return [pos & (kept | (match & pos_ok)), neg & (kept | (match & neg_ok))]
+
+
+def _lane(a: Tensor, e: Tensor) -> Tensor:
+    """Float integers in [0, 64): the top 6 bits of each value's significand.
+
+    The exponent level's histogram adds each pair into one of 64 counters of its bin
+    (summed after the scatter, so the counts are the same): nearly every pair shares one
+    exponent bin, and ONNX Runtime's CUDA scatter-add serialises on a contended bin
+    (148 ms at N = 256 and 19.5 s at 1024 on an H100, where the later levels, whose bins
+    spread the pairs, take 5 ms). The significand's leading bits spread any magnitude and
+    float16 values alike. ``a``: |values| (float64), ``e``: their exponent groups; zeros,
+    subnormals and NaN take lane 0, infinities lane 63."""
+    frac = a * torch.pow(2.0, -e.to(torch.float64))          # [1, 2) for normal values
+    frac = torch.where(frac == frac, frac, 1.0)              # NaN (inf * 0) -> lane 0
+    return torch.floor((frac - 1.0) * 64.0).clamp(0.0, 63.0)
 
 
 def _pick(per_pool: Tensor, pos_f: Tensor) -> Tensor:
