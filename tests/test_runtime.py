@@ -454,12 +454,12 @@ def test_cuda_size_guard_chunks_or_refuses(monkeypatch):
     _, hdc = onnx_graph_cache.graph("HDCMiner")
     om = OnnxMiner(hdc)
     om.on_cuda = True
-    # its largest tensors: [N, N] and a fixed 2 x 8,192-bin histogram
-    monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 20000)
-    small = random_batch(120, D, seed=7)     # 120 x 120 = 14,400 fits
+    # its largest tensors: [N, N] and a fixed 2 x 1,024-bin x 64-lane histogram (131,072)
+    monkeypatch.setattr(onnx_miner, "CUDA_MAX_ELEMENTS", 140000)
+    small = random_batch(300, D, seed=7)     # 300 x 300 = 90,000 fits
     assert as_multisets(om(small["embeddings"], small["labels"]), "pairs") == \
         as_multisets(OnnxMiner(hdc)(small["embeddings"], small["labels"]), "pairs")
-    big = random_batch(150, D, seed=8)       # 150 x 150 = 22,500 does not
+    big = random_batch(400, D, seed=8)       # 400 x 400 = 160,000 does not
     with pytest.raises(ValueError, match="HDCMiner.*mine smaller batches"):
         om(big["embeddings"], big["labels"])
 
