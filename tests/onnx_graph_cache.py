@@ -49,7 +49,10 @@ def _root() -> str:
             _ROOT = os.path.abspath(keep)
             # graphs of another source tree are stale: drop them (the tag file says whose)
             tag, stamp = os.path.join(_ROOT, "SOURCE"), _source_digest()
-            old = open(tag).read() if os.path.isfile(tag) else None
+            old = None
+            if os.path.isfile(tag):
+                with open(tag) as fh:
+                    old = fh.read()
             if old != stamp:
                 for f in os.listdir(_ROOT):
                     if f.endswith(".onnx"):

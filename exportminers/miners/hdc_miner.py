@@ -210,15 +210,14 @@ def _radix_level(d: Tensor, bits: int, match: Tensor, kept: Tensor, want: Tensor
     """
     size = 1 << bits
     bins = d + other * float(size)
-    if lane is None:
-        idx = bins.to(torch.int64).reshape(-1)
-        hist = torch.zeros(2 * size, dtype=torch.int64, device=d.device)
-        hist = hist.scatter_add(0, idx, match.to(torch.int64).reshape(-1))
-    else:
-        idx = (bins * 64.0 + lane).to(torch.int64).reshape(-1)
-        hist = torch.zeros(2 * size * 64, dtype=torch.int64, device=d.device)
-        hist = hist.scatter_add(0, idx, match.to(torch.int64).reshape(-1))
-        hist = hist.reshape(2 * size, 64).sum(1)
+    lanes = 1 if lane is None else 64
+    if lane is not None:
+        bins = bins * 64.0 + lane
+    hist = torch.zeros(2 * size * lanes, dtype=torch.int64, device=d.device)
+    hist = hist.scatter_add(0, bins.to(torch.int64).reshape(-1),
+                            match.to(torch.int64).reshape(-1))
+    if lanes > 1:
+        hist = hist.reshape(2 * size, lanes).sum(1)
     cum = torch.cumsum(hist.reshape(2, size), 1)
     before = cum < want.unsqueeze(1)
     cut = before.to(d.dtype).sum(1)   # float sums: exact here, and fast in ONNX Runtime
