@@ -33,12 +33,11 @@ for path, n, cuts in jobs:
     if os.path.basename(path).startswith("block_"):   # pipeline block: n query rows x 262144 bank rows, fp16
         bq, bm = n, 262144
         feeds = {"q": rng.standard_normal((bq, 128)).astype(np.float16),
-                 "q_label": rng.integers(0, 100000, bq), "q_id": np.arange(bq),
+                 "q_label": rng.integers(0, 100000, bq),
                  "m": rng.standard_normal((bm, 128)).astype(np.float16),
-                 "m_label": rng.integers(0, 100000, bm), "m_id": np.arange(bm) + 10 ** 9,
-                 "m_bias": np.zeros(bm, np.float16),
+                 "m_label": rng.integers(0, 100000, bm),
                  "neg_lo": np.full(bq, -np.inf, np.float16), "neg_hi": np.full(bq, np.inf, np.float16),
-                 "k_neg": np.array([10]), "k_pos": np.array([1])}
+                 "k_neg": np.array([11]), "k_pos": np.array([2]), "k_epos": np.array([2])}
         feeds = {i.name: feeds[i.name] for i in m.graph.input}
     for i in ([] if feeds else m.graph.input):
         et = i.type.tensor_type.elem_type

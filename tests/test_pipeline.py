@@ -180,3 +180,39 @@ def test_masked_rows_never_reach_short_queries(tmp_path, metric, blocks):
     else:
         order = sorted(cand, key=lambda j: (-float(xs[9] @ xs[j]), j))
     assert rows[9]["neg_ids"] == order[:3]
+
+
+@pytest.mark.filterwarnings("ignore:bank.*occur more than once")
+@pytest.mark.parametrize("blocks", [(6, 2), (5, 3), (7, 11), (64, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("name", ["hardest", "margin_pos", "easiest_ref", "random", "l2_hardest",
+                                  "rank_window"])
+def test_host_side_exclusions_equal_reference(tmp_path, name, blocks):
+    """Excluded bank rows, repeated ids and bank blocks narrower than k are handled on
+    the host (left out of the block, extra candidates then dropped): still exact."""
+    rng = np.random.default_rng()
+    q, ql = _int_data(int(rng.integers(1 << 30)), 30, labels=4)
+    m, ml = _int_data(int(rng.integers(1 << 30)), 40, labels=4)
+    qid = 1000 + np.arange(30)
+    mid = 1000 + rng.integers(0, 12, 40)   # up to several bank rows per query id
+    mid[10:13] = 1003                      # at least one id three times in one block
+    bad = np.zeros(40, bool)
+    bad[[4, 5, 6, 7, 9]] = True            # a whole 2- or 3-row block, and a lone row
+    m[bad] = np.nan
+    _, rows = _run(tmp_path, q, ql, qid, m, ml, mid, blocks=blocks, exclude_same_id=True,
+                   **CONFIGS[name])
+    cfg = MineConfig(**CONFIGS[name])
+    ref = mine_reference(cfg, q, ql, qid, m[~bad], ml[~bad], mid[~bad], exclude_same_id=True)
+    _compare(rows, ref, cfg)
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_padding_column_never_displaces_a_lone_row(tmp_path, metric):
+    """A bank block with one usable row gets a padding column (zeros, closeness 0 for
+    dot): with k = 1 it must not win that block's TopK and hide the real row."""
+    q = np.array([[1, 0], [2, 1]], np.float32)
+    m = np.array([[-1, 0], [np.nan, 0], [-2, 0], [-3, 0]], np.float32)
+    if metric == "l2":   # the padding row (the origin) is closer than any real row
+        m = np.array([[5, 0], [np.nan, 0], [6, 0], [7, 0]], np.float32)
+    _, rows = _run(tmp_path, q, np.zeros(2, np.int64), None, m, np.ones(4, np.int64), None,
+                   blocks=(2, 2), k=1, metric=metric)
+    assert [r["neg_ids"] for r in rows] == [[0], [0]]

@@ -158,38 +158,91 @@ def clean_block(blk: RowBlock, valid: np.ndarray, metric: str):
 
 @dataclass
 class DeviceBlock:
+    """One block's graph inputs on the device, and what the host needs to read its
+    outputs.
+
+    A query block is padded to ``size`` rows (padded and excluded rows carry the
+    sentinel label; their outputs are never read). A bank block holds only its usable
+    rows, as ``size`` columns: ``cols`` maps a column to its row in the bank (-1 marks
+    padding, added only to reach the 2 columns every block needs) and ``ids`` to the id
+    that same-id exclusion compares (None: no exclusion). ``id_mult`` is the most
+    columns that share one id: how many extra candidates each TopK asks for, so that
+    dropping the query's own id still leaves k.
+    """
+
     offset: int
     rows: int
     size: int
     feeds: Dict[str, object]
     host: Tuple  # numpy arrays kept alive for CPU OrtValues
+    ids: Optional[np.ndarray] = None
+    cols: Optional[np.ndarray] = None
+    id_mult: int = 0
+
+
+def _most_per_id(ids: np.ndarray) -> int:
+    """The largest number of entries sharing one value (0 for none)."""
+    if len(ids) < 2:
+        return len(ids)
+    if np.all(ids[1:] > ids[:-1]):   # the usual case: increasing ids, all distinct
+        return 1
+    return int(np.unique(ids, return_counts=True)[1].max())
 
 
 def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarray,
                   offset: int, size: int, metric: str, dtype, same_id: bool) -> DeviceBlock:
-    """Pad a block to ``size`` rows and put it on the device as graph inputs."""
+    """Put a block on the device as graph inputs: a query block padded to ``size`` rows,
+    a bank block as its usable rows only (``size`` does not apply; see DeviceBlock)."""
     n = len(blk.labels)
-    emb, labels = clean_block(blk, valid, metric)
-    e = np.zeros((size, emb.shape[1]), dtype=dtype)
-    e[:n] = emb
-    lab = np.full(size, SENTINEL, dtype=np.int64)
-    lab[:n] = labels
-    ids = np.full(size, SENTINEL, dtype=np.int64)
-    if same_id:
-        ids[:n] = blk.ids
     if side == "q":
-        host = (e, lab, ids)
-        feeds = {"q": runner.put(e), "q_label": runner.put(lab), "q_id": runner.put(ids)}
-    else:
-        if not same_id:  # never equal to a query's (sentinel) id
-            ids[:] = SENTINEL + 1
-        bias = np.zeros(size, dtype=dtype)
-        bias[n:] = -np.inf
-        bias[:n][~valid] = -np.inf
-        host = (e, lab, ids, bias)
-        feeds = {"m": runner.put(e), "m_label": runner.put(lab), "m_id": runner.put(ids),
-                 "m_bias": runner.put(bias)}
-    return DeviceBlock(offset, n, size, feeds, host)
+        emb, labels = clean_block(blk, valid, metric)
+        e = np.zeros((size, emb.shape[1]), dtype=dtype)
+        e[:n] = emb
+        lab = np.full(size, SENTINEL, dtype=np.int64)
+        lab[:n] = labels
+        ids = None
+        if same_id:
+            ids = np.full(size, SENTINEL, dtype=np.int64)
+            ids[:n] = blk.ids
+        feeds = {"q": runner.put(e), "q_label": runner.put(lab)}
+        return DeviceBlock(offset, n, size, feeds, (e, lab), ids=ids)
+    keep = np.flatnonzero(valid)
+    ncol = len(keep)
+    if ncol == 0:   # nothing usable in this stretch of the bank
+        return DeviceBlock(offset, n, 0, {}, (), cols=np.zeros(0, np.int64))
+    emb = np.asarray(blk.emb)[keep]
+    if metric == "cosine":
+        emb = normalize_rows(emb)
+    # two columns at least: with one, ONNX Runtime's MatMul takes a matrix-vector kernel
+    # that rounds differently. The padding column is dropped on the host (cols = -1).
+    cols_n = max(ncol, 2)
+    e = np.zeros((cols_n, emb.shape[1]), dtype=dtype)
+    e[:ncol] = emb
+    lab = np.full(cols_n, SENTINEL, dtype=np.int64)
+    lab[:ncol] = blk.labels[keep]
+    cols = np.full(cols_n, -1, dtype=np.int64)
+    cols[:ncol] = offset + keep
+    ids, mult = None, 0
+    if same_id:
+        ids = np.full(cols_n, SENTINEL, dtype=np.int64)
+        ids[:ncol] = blk.ids[keep]
+        mult = _most_per_id(ids[:ncol])
+    feeds = {"m": runner.put(e), "m_label": runner.put(lab)}
+    return DeviceBlock(offset, n, cols_n, feeds, (e, lab), ids=ids, cols=cols, id_mult=mult)
+
+
+def block_candidates(mb: DeviceBlock, qids: Optional[np.ndarray], c: np.ndarray,
+                     i: np.ndarray, largest: bool):
+    """A block's TopK output (closeness, column) as (closeness, bank row): padding
+    columns and columns with the query's id become empty slots (-inf when ``largest``,
+    else +inf)."""
+    rows = mb.cols[i]
+    drop = rows < 0
+    if mb.ids is not None and qids is not None:
+        drop |= mb.ids[i] == qids[:, None]
+    if drop.any():
+        c = np.where(drop, -np.inf if largest else np.inf, c)
+    return c, rows
 
 
 # --------------------------------------------------------------------------- merging
@@ -259,9 +312,14 @@ def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[Dev
         if spec.easy:
             res.epos = TopKState(shard_rows, 1, largest=True)
     base = qblocks[0].offset if qblocks else 0
-    kin = {"k_neg": np.array([k_neg], dtype=np.int64), "k_pos": np.array([k_pos], dtype=np.int64)}
-    # TopK reads k from host memory on every EP, so k stays a CPU OrtValue.
-    kvals = {name: runner._ort.OrtValue.ortvalue_from_numpy(v) for name, v in kin.items()}
+    # TopK reads k from host memory on every EP, so k stays a CPU OrtValue
+    kvals: Dict[int, object] = {}
+
+    def kval(v: int):
+        if v not in kvals:
+            kvals[v] = runner._ort.OrtValue.ortvalue_from_numpy(np.array([v], dtype=np.int64))
+        return kvals[v]
+
     band_feeds = []
     if spec.has_neg and spec.band:
         lo, hi = band
@@ -274,9 +332,24 @@ def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[Dev
             blo[:qb.rows] = lo[r0:r0 + qb.rows]
             bhi[:qb.rows] = hi[r0:r0 + qb.rows]
             band_feeds.append(({"neg_lo": runner.put(blo), "neg_hi": runner.put(bhi)}, (blo, bhi)))
+    outs = [(res.neg, "neg", True), (res.hpos, "hpos", False), (res.epos, "epos", True)]
+    outs = [o for o in outs if o[0] is not None]
     for mb in bank:
+        if mb.size == 0:
+            if on_bank_block is not None:
+                on_bank_block(mb.rows)
+            continue
+        # each TopK asks for k plus the most columns one id has (dropped below if they
+        # are the query's); a block narrower than that returns all its columns, and so
+        # does one with a padding column, which must never displace a real one
+        padded = mb.cols[-1] < 0
+
+        def k_eff(k):
+            return mb.size if padded else min(k + mb.id_mult, mb.size)
+
+        kf = {"k_neg": kval(k_eff(k_neg)), "k_pos": kval(k_eff(k_pos)), "k_epos": kval(k_eff(1))}
         for j, qb in enumerate(qblocks):
-            feeds = {**qb.feeds, **mb.feeds, **kvals}
+            feeds = {**qb.feeds, **mb.feeds, **kf}
             if band_feeds:
                 feeds.update(band_feeds[j][0])
             out = runner.run(feeds)
@@ -284,12 +357,11 @@ def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[Dev
             r1 = r0 + qb.rows
             n = qb.rows
             qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
-            if res.neg is not None:
-                res.neg.update(r0, r1, out["neg_c"][:n], out["neg_i"][:n], mb.offset, qvalid)
-            if res.hpos is not None:
-                res.hpos.update(r0, r1, out["hpos_c"][:n], out["hpos_i"][:n], mb.offset, qvalid)
-            if res.epos is not None:
-                res.epos.update(r0, r1, out["epos_c"][:n], out["epos_i"][:n], mb.offset, qvalid)
+            qids = None if qb.ids is None else qb.ids[:n]
+            for st, name, largest in outs:
+                c, rows = block_candidates(mb, qids, out[name + "_c"][:n], out[name + "_i"][:n],
+                                           largest)
+                st.update(r0, r1, c, rows, 0, qvalid)
         if on_bank_block is not None:
             on_bank_block(mb.rows)
     return res

@@ -14,23 +14,29 @@ which needs torch. Rebuild the shipped set with
 
 Inputs (``B_q`` query rows, ``B_m`` bank rows, ``d`` width; ``T`` = float32 or float16):
 
-- ``q`` T[B_q, d], ``q_label`` int64[B_q], ``q_id`` int64[B_q]
-- ``m`` T[B_m, d], ``m_label`` int64[B_m], ``m_id`` int64[B_m]
-- ``m_bias`` T[B_m]: 0 for real bank rows, -inf for padding / excluded rows
-  (their closeness becomes -inf; their label must be the sentinel so they are
-  never positives)
+- ``q`` T[B_q, d], ``q_label`` int64[B_q]
+- ``m`` T[B_m, d], ``m_label`` int64[B_m]
 - ``neg_lo``, ``neg_hi`` T[B_q]: inclusive closeness band for negatives (``band``
   graphs only)
-- ``k_neg``, ``k_pos`` int64[1]: how many candidates each TopK keeps
+- ``k_neg``, ``k_pos``, ``k_epos`` int64[1]: how many candidates each TopK keeps
 
 Outputs (closeness: larger = closer; -inf / +inf mark empty slots):
 
 - ``neg_c`` T[B_q, k_neg], ``neg_i`` int64[B_q, k_neg]: the most similar
-  different-label rows whose id differs from the query's, inside the band, closest
-  first, ties by lower bank row
-- ``hpos_c`` T[B_q, k_pos], ``hpos_i``: the least similar same-label rows whose id
-  differs from the query's, least close first (+inf = none)
-- ``epos_c`` T[B_q, 1], ``epos_i``: the most similar such row (``easy`` graphs)
+  different-label columns inside the band, closest first, ties by lower column
+- ``hpos_c`` T[B_q, k_pos], ``hpos_i``: the least similar same-label columns, least
+  close first (+inf = none)
+- ``epos_c`` T[B_q, k_epos], ``epos_i``: the most similar same-label columns
+  (``easy`` graphs)
+
+Everything that is not a label comparison stays on the host, where it costs nothing per
+score (graph version 4; version 3 spent five of its eleven full-block passes on it):
+
+- excluded bank rows (NaN/inf, missing label) are left out of the bank block, not
+  masked, and a short block is a smaller ``B_m``, not padding;
+- same-id exclusion: the engine asks each TopK for as many extra candidates as one id
+  has columns in the block and drops the query's own id from what comes back, which
+  leaves exactly the top k of the id-masked block.
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-GRAPH_VERSION = 3   # 2: opset 18 (every node has an ONNX Runtime CUDA kernel); 3: same-id
-# rows are never negatives either
+GRAPH_VERSION = 4   # 2: opset 18 (every node has an ONNX Runtime CUDA kernel); 3: same-id
+# rows are never negatives either; 4: labels only (ids, padding, exclusions on the host)
 PACKAGE_GRAPH_DIR = Path(__file__).resolve().parent / "graphs"
 KINDS = ("neg", "pos", "both")
 METRIC_KINDS = ("dot", "l2")
@@ -50,6 +56,8 @@ DTYPES = ("float32", "float16")
 # Placeholders used for TopK at export time, then replaced by graph inputs.
 _K_NEG_PLACEHOLDER = 7
 _K_POS_PLACEHOLDER = 3
+_K_EPOS_PLACEHOLDER = 5
+_K_INPUTS = {_K_NEG_PLACEHOLDER: "k_neg", _K_POS_PLACEHOLDER: "k_pos", _K_EPOS_PLACEHOLDER: "k_epos"}
 ALLOWED_OPS = frozenset({
     "MatMul", "Transpose", "Unsqueeze", "Add", "Sub", "Mul", "Neg", "Sqrt", "Max", "Clip",
     "ReduceSum", "Equal", "Not", "And", "Or", "Greater", "GreaterOrEqual", "Less",
@@ -156,39 +164,35 @@ def _make_module(spec: GraphSpec):
     inf = float("inf")
 
     class BlockGraph(torch.nn.Module):
-        def forward(self, q: Tensor, q_label: Tensor, q_id: Tensor, m: Tensor,
-                    m_label: Tensor, m_id: Tensor, m_bias: Tensor, neg_lo: Tensor,
-                    neg_hi: Tensor):
+        def forward(self, q: Tensor, q_label: Tensor, m: Tensor, m_label: Tensor,
+                    neg_lo: Tensor, neg_hi: Tensor):
             qm = torch.matmul(q, m.transpose(0, 1))
             if spec.metric == "l2":
                 qn = (q * q).sum(dim=1).unsqueeze(1)
-                mn = ((m * m).sum(dim=1) - m_bias).unsqueeze(0)  # +inf on padding
+                mn = (m * m).sum(dim=1).unsqueeze(0)
                 # torch.maximum, not clamp: clamp exports as Clip, which ONNX Runtime
-                # saturates at the float maximum, so +inf (padding, excluded rows) would
-                # become a finite distance and reach the output
+                # saturates at the float maximum, so an overflowed +inf would become a
+                # finite distance and reach the output unnoticed
                 zero = torch.zeros((), dtype=qm.dtype)
                 c = -torch.sqrt(torch.maximum(qn + mn - 2.0 * qm, zero))
             else:
-                c = qm + m_bias.unsqueeze(0)
+                c = qm
             same_label = q_label.unsqueeze(1) == m_label.unsqueeze(0)
-            same_id = q_id.unsqueeze(1) == m_id.unsqueeze(0)
             outs = []
             if spec.has_neg:
-                # a bank row with the query's id is never its negative (nor positive)
-                neg = torch.where(same_label | same_id, torch.tensor(-inf, dtype=c.dtype), c)
+                neg = torch.where(same_label, torch.tensor(-inf, dtype=c.dtype), c)
                 if spec.band:
                     in_band = (c >= neg_lo.unsqueeze(1)) & (c <= neg_hi.unsqueeze(1))
                     neg = torch.where(in_band, neg, torch.tensor(-inf, dtype=c.dtype))
                 nc, ni = torch.topk(neg, _K_NEG_PLACEHOLDER, dim=1, largest=True, sorted=True)
                 outs += [nc, ni]
             if spec.has_pos:
-                pos_mask = same_label & torch.logical_not(same_id)
-                hp = torch.where(pos_mask, c, torch.tensor(inf, dtype=c.dtype))
+                hp = torch.where(same_label, c, torch.tensor(inf, dtype=c.dtype))
                 hc, hi_ = torch.topk(hp, _K_POS_PLACEHOLDER, dim=1, largest=False, sorted=True)
                 outs += [hc, hi_]
                 if spec.easy:
-                    ep = torch.where(pos_mask, c, torch.tensor(-inf, dtype=c.dtype))
-                    ec, ei = torch.topk(ep, 1, dim=1, largest=True, sorted=True)
+                    ep = torch.where(same_label, c, torch.tensor(-inf, dtype=c.dtype))
+                    ec, ei = torch.topk(ep, _K_EPOS_PLACEHOLDER, dim=1, largest=True, sorted=True)
                     outs += [ec, ei]
             return tuple(outs)
 
@@ -206,7 +210,7 @@ def _output_names(spec: GraphSpec) -> List[str]:
     return names
 
 
-INPUT_NAMES = ["q", "q_label", "q_id", "m", "m_label", "m_id", "m_bias", "neg_lo", "neg_hi"]
+INPUT_NAMES = ["q", "q_label", "m", "m_label", "neg_lo", "neg_hi"]
 
 
 # ONNX Runtime's CUDA EP has no Equal-19 / ReduceMax-20 kernels in some releases; the
@@ -227,14 +231,12 @@ def export_graph(spec: GraphSpec, path) -> Path:
     bq, bm, d = 8, 16, 4
     args = (
         torch.randn(bq, d).to(dt), torch.zeros(bq, dtype=torch.long),
-        torch.zeros(bq, dtype=torch.long), torch.randn(bm, d).to(dt),
-        torch.zeros(bm, dtype=torch.long), torch.zeros(bm, dtype=torch.long),
-        torch.zeros(bm, dtype=dt), torch.zeros(bq, dtype=dt), torch.zeros(bq, dtype=dt),
+        torch.randn(bm, d).to(dt), torch.zeros(bm, dtype=torch.long),
+        torch.zeros(bq, dtype=dt), torch.zeros(bq, dtype=dt),
     )
     Dim = torch.export.Dim
     dq, dm, dd = Dim("block_q", min=1), Dim("block_m", min=_K_NEG_PLACEHOLDER + 1), Dim("dim", min=1)
-    dyn = ({0: dq, 1: dd}, {0: dq}, {0: dq}, {0: dm, 1: dd}, {0: dm}, {0: dm}, {0: dm},
-           {0: dq}, {0: dq})
+    dyn = ({0: dq, 1: dd}, {0: dq}, {0: dm, 1: dd}, {0: dm}, {0: dq}, {0: dq})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import logging
@@ -266,7 +268,8 @@ def export_graph(spec: GraphSpec, path) -> Path:
 
 
 def _lift_k_inputs(model, spec: GraphSpec) -> None:
-    """Replace the constant K of every TopK with graph inputs k_neg / k_pos (int64[1])."""
+    """Replace the constant K of every TopK with graph inputs k_neg / k_pos / k_epos
+    (int64[1])."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -278,18 +281,13 @@ def _lift_k_inputs(model, spec: GraphSpec) -> None:
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = ("node", numpy_helper.to_array(a.t))
-    used = {"k_neg": False, "k_pos": False}
+    used = {name: False for name in _K_INPUTS.values()}
     for node in g.node:
         if node.op_type != "TopK":
             continue
         k = int(consts[node.input[1]][1].reshape(-1)[0])
-        if k == _K_NEG_PLACEHOLDER:
-            name = "k_neg"
-        elif k == _K_POS_PLACEHOLDER:
-            name = "k_pos"
-        elif k == 1:
-            continue
-        else:
+        name = _K_INPUTS.get(k)
+        if name is None:
             raise RuntimeError(f"unexpected TopK k={k} in exported graph")
         node.input[1] = name
         used[name] = True

@@ -58,8 +58,6 @@ def scan_source(src: Source, block: int, name: str) -> Scan:
             max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", e64, e64).max())))
         if np.any(blk.labels[blk.label_ok] == SENTINEL):
             raise ValueError(f"{name}: label {SENTINEL} is reserved (used for padding)")
-        if np.any(blk.ids == SENTINEL) or np.any(blk.ids == SENTINEL + 1):
-            raise ValueError(f"{name}: ids {SENTINEL} and {SENTINEL + 1} are reserved")
         valid[s:e] = ok
         for a in (blk.emb, blk.labels, blk.label_ok, blk.ids):
             h.update(np.ascontiguousarray(a).tobytes())
@@ -556,9 +554,10 @@ def open_inputs(queries, labels, ids, bank, bank_labels, bank_ids, cfg: MineConf
     kc = min(cfg.num_candidates, n_bank_ok)  # a random window past the bank's end is cut
     k_pos = max(cfg.num_positives, 1)
     # at least 2 rows a block: with one, ONNX Runtime's MatMul takes a matrix-vector
-    # kernel that rounds differently, and scores would depend on the block size
+    # kernel that rounds differently, and scores would depend on the block size. A bank
+    # block narrower than k is fine: its TopKs return every column.
     bq_eff = max(min(bq, qsrc.n), 2)
-    bm_eff = max(min(bm, bsrc.n), kc, k_pos, 2)
+    bm_eff = max(min(bm, bsrc.n), 2)
     check_block_sizes(bq_eff, bm_eff)
     return Inputs(qsrc, bsrc, self_mode, qscan, bscan, bool(same_id), kc, k_pos, bq_eff, bm_eff,
                   id_key)
