@@ -404,3 +404,52 @@ def test_damaged_parquet_row_group_is_a_clear_error(tmp_path, capsys):
         mine(str(path), out_dir=tmp_path / "o", k=2, **KW)
     rc, err = _cli([path, "-o", tmp_path / "o2", "--device", "cpu", "-k", "2"], capsys)
     assert rc == 2 and "cannot read row group 2" in err and "Traceback" not in err
+
+
+def _engine_pass(q, ql, m, ml, k_neg, k_pos, dtype, overlap, bq=7, bm=11):
+    from exportminers.pipeline.engine import BlockRunner, prepare_block, run_pass
+    from exportminers.pipeline.graphs import GraphSpec
+    from exportminers.pipeline.sources import RowBlock
+
+    npd = np.dtype(dtype)
+    runner = BlockRunner(GraphSpec("both", "dot", dtype=dtype), "cpu")
+
+    def blocks(x, lab, size, side):
+        out = []
+        for s in range(0, len(x), size):
+            e = min(len(x), s + size)
+            rb = RowBlock(x[s:e], lab[s:e], np.ones(e - s, bool), np.arange(s, e))
+            out.append(prepare_block(runner, side, rb, np.ones(e - s, bool), s, size, "dot",
+                                     npd, False))
+        return out
+
+    return run_pass(runner, blocks(q, ql, bq, "q"), blocks(m, ml, bm, "m"), len(q), k_neg,
+                    k_pos, npd, overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_run_pass_with_and_without_overlap_equals_brute_force(overlap):
+    rng = np.random.default_rng()
+    q = rng.integers(-2, 3, (23, 5)).astype(np.float32)
+    m = rng.integers(-2, 3, (50, 5)).astype(np.float32)
+    ql, ml = rng.integers(0, 3, 23), rng.integers(0, 3, 50)
+    res = _engine_pass(q, ql, m, ml, 4, 2, "float32", overlap)
+    c = q @ m.T
+    rows = np.arange(50)
+    for r in range(23):
+        neg = rows[ml != ql[r]]
+        neg = neg[np.lexsort((neg, -c[r, neg]))][:4]
+        pos = rows[ml == ql[r]]
+        pos = pos[np.lexsort((pos, c[r, pos]))][:2]
+        assert res.neg.i[r, :len(neg)].tolist() == neg.tolist()
+        assert res.hpos.i[r, :len(pos)].tolist() == pos.tolist()
+        np.testing.assert_array_equal(res.neg.c[r, :len(neg)], c[r, neg])
+
+
+def test_overflow_in_an_overlapped_merge_reaches_the_caller():
+    rng = np.random.default_rng()
+    q = np.full((9, 5), 300, np.float32)   # dot products of 450,000: inf in float16
+    m = np.full((30, 5), 300, np.float32)
+    with pytest.raises(ScoreOverflowError):
+        _engine_pass(q, rng.integers(0, 3, 9), m, rng.integers(0, 3, 30), 3, 1, "float16",
+                     overlap=True)

@@ -88,6 +88,8 @@ class BlockRunner:
                               "fallback allowed")
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
+                if threads:
+                    so.intra_op_num_threads = int(threads)
                 if profile_prefix:
                     so.enable_profiling = True
                     so.profile_file_prefix = str(profile_prefix)
@@ -300,9 +302,18 @@ class PassResult:
 def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[DeviceBlock],
              shard_rows: int, k_neg: int, k_pos: int, dtype,
              band: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-             on_bank_block=None) -> PassResult:
+             on_bank_block=None, overlap: Optional[bool] = None) -> PassResult:
     """One sweep of the bank for the shard's query blocks (bank blocks outer, so each
-    bank block is read and moved to the device once per pass)."""
+    bank block is read and moved to the device once per pass).
+
+    ``overlap`` (default: on for CUDA) merges each block pair's candidates on a helper
+    thread while the device runs the next pair (ONNX Runtime releases the GIL while it
+    runs), so the host merge costs no device time. Merges still happen one at a time in
+    order, so the result is the same either way. On the CPU the merge would only compete
+    with ONNX Runtime's own threads.
+    """
+    if overlap is None:
+        overlap = runner.device == "cuda"
     spec = runner.spec
     res = PassResult()
     if spec.has_neg:
@@ -334,36 +345,57 @@ def run_pass(runner: BlockRunner, qblocks: List[DeviceBlock], bank: Iterable[Dev
             band_feeds.append(({"neg_lo": runner.put(blo), "neg_hi": runner.put(bhi)}, (blo, bhi)))
     outs = [(res.neg, "neg", True), (res.hpos, "hpos", False), (res.epos, "epos", True)]
     outs = [o for o in outs if o[0] is not None]
-    for mb in bank:
-        if mb.size == 0:
+
+    def merge(out, mb, r0, r1, qvalid, qids):
+        n = r1 - r0
+        for st, name, largest in outs:
+            c, rows = block_candidates(mb, qids, out[name + "_c"][:n], out[name + "_i"][:n],
+                                       largest)
+            st.update(r0, r1, c, rows, 0, qvalid)
+
+    pool = pending = None
+    if overlap:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1, thread_name_prefix="exportminers-merge")
+    try:
+        for mb in bank:
+            if mb.size == 0:
+                if on_bank_block is not None:
+                    on_bank_block(mb.rows)
+                continue
+            # each TopK asks for k plus the most columns one id has (dropped on the host
+            # if they are the query's); a block narrower than that returns all its
+            # columns, and so does one with a padding column, which must never displace
+            # a real one
+            padded = mb.cols[-1] < 0
+
+            def k_eff(k, _mb=mb, _padded=padded):
+                return _mb.size if _padded else min(k + _mb.id_mult, _mb.size)
+
+            kf = {"k_neg": kval(k_eff(k_neg)), "k_pos": kval(k_eff(k_pos)),
+                  "k_epos": kval(k_eff(1))}
+            for j, qb in enumerate(qblocks):
+                feeds = {**qb.feeds, **mb.feeds, **kf}
+                if band_feeds:
+                    feeds.update(band_feeds[j][0])
+                out = runner.run(feeds)
+                r0 = qb.offset - base
+                n = qb.rows
+                qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
+                qids = None if qb.ids is None else qb.ids[:n]
+                if pool is None:
+                    merge(out, mb, r0, r0 + n, qvalid, qids)
+                else:
+                    if pending is not None:
+                        pending.result()   # one merge at a time, in order; re-raises
+                    pending = pool.submit(merge, out, mb, r0, r0 + n, qvalid, qids)
             if on_bank_block is not None:
                 on_bank_block(mb.rows)
-            continue
-        # each TopK asks for k plus the most columns one id has (dropped below if they
-        # are the query's); a block narrower than that returns all its columns, and so
-        # does one with a padding column, which must never displace a real one
-        padded = mb.cols[-1] < 0
-
-        def k_eff(k):
-            return mb.size if padded else min(k + mb.id_mult, mb.size)
-
-        kf = {"k_neg": kval(k_eff(k_neg)), "k_pos": kval(k_eff(k_pos)), "k_epos": kval(k_eff(1))}
-        for j, qb in enumerate(qblocks):
-            feeds = {**qb.feeds, **mb.feeds, **kf}
-            if band_feeds:
-                feeds.update(band_feeds[j][0])
-            out = runner.run(feeds)
-            r0 = qb.offset - base
-            r1 = r0 + qb.rows
-            n = qb.rows
-            qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
-            qids = None if qb.ids is None else qb.ids[:n]
-            for st, name, largest in outs:
-                c, rows = block_candidates(mb, qids, out[name + "_c"][:n], out[name + "_i"][:n],
-                                           largest)
-                st.update(r0, r1, c, rows, 0, qvalid)
-        if on_bank_block is not None:
-            on_bank_block(mb.rows)
+        if pending is not None:
+            pending.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return res
 
 
