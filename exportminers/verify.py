@@ -37,6 +37,12 @@ SYMMETRIC_PAIR_MINERS = ("PairMarginMiner", "HDCMiner")
 # on ONNX Runtime's CPU EP in float32 between their casts (not rounded per op as torch
 # does), so they hold more borderline differences, each of which must be found.
 TRIALS = {"float32": 4, "float16": 16}
+# A random miner redraws a whole bin (or window) when one distance lands an ulp on the
+# other side of an edge in the graph than in eager; only a perturbation that crosses the
+# same edge the same way reproduces that redraw, and each trial does so with probability
+# about 1/2. Differences of a random miner that a round of trials leaves unexplained get
+# up to this many more rounds (new perturbations) before they count as a mismatch.
+RANDOM_EXTRA_ROUNDS = 3
 
 
 def random_batch(n: int, d: int, m: Optional[int] = None, seed: int = 0,
@@ -104,6 +110,27 @@ def sensitive_tuples(miner, batch: Dict[str, np.ndarray], kind: str, eps: float,
                                                         graph_math), kind))
         union = [u | d for u, d in zip(union, diff)]
     return union
+
+
+def explain_differences(miner, batch: Dict[str, np.ndarray], kind: str, eps: float, got, want,
+                        noise: Optional[np.ndarray] = None, seed: int = 0, device: str = "cpu",
+                        graph_math: bool = False, trials: int = TRIALS["float32"],
+                        mirrored_ties: bool = False, extra_rounds: int = 0):
+    """:func:`compare` with the tuples that ``trials`` perturbations of size ``eps`` flip
+    allowed to differ; while some difference stays unexplained, up to ``extra_rounds``
+    more rounds of new perturbations. Returns (ok, info); info["trials"] counts them."""
+    base = as_multisets(want, kind)
+    sens = None
+    rounds = 0
+    while True:
+        more = sensitive_tuples(miner, batch, kind, eps, noise, seed=seed + 7919 * rounds,
+                                base=base, device=device, graph_math=graph_math, trials=trials)
+        sens = more if sens is None else [a | b for a, b in zip(sens, more)]
+        rounds += 1
+        ok, info = compare(got, want, kind, sens, mirrored_ties=mirrored_ties)
+        if ok or rounds > extra_rounds:
+            info["trials"] = trials * rounds
+            return ok, info
 
 
 def compare(graph_fields, eager_fields, kind: str, sensitive: Optional[List[Counter]] = None,
@@ -212,10 +239,10 @@ def verify_graph(miner: torch.nn.Module, path: str, sizes: Sequence[int] = (12, 
         mirrored = om.miner_name in SYMMETRIC_PAIR_MINERS and not om.with_ref
         ok, info = compare(got, want, kind, mirrored_ties=mirrored)
         if not ok:
-            sens = sensitive_tuples(miner, batch, kind, eps, noise, seed=seed + i,
-                                    device=eager_device, graph_math=graph_math,
-                                    trials=TRIALS["float16" if graph_math else "float32"])
-            ok, info = compare(got, want, kind, sens, mirrored_ties=mirrored)
+            ok, info = explain_differences(
+                miner, batch, kind, eps, got, want, noise, seed=seed + i, device=eager_device,
+                graph_math=graph_math, trials=TRIALS["float16" if graph_math else "float32"],
+                mirrored_ties=mirrored, extra_rounds=RANDOM_EXTRA_ROUNDS if om.is_random else 0)
         info.update({"n": n, "m": m if m is not None else n})
         if om.chunkable and n > 1:   # anchor blocks must give exactly the one-call result
             chunked = load(chunk_size=max(1, n // 3))(*args)
