@@ -49,7 +49,7 @@ def gpu_memory_mib():
         if torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             return (total - free) / 2 ** 20
-    except ImportError:
+    except Exception:   # no torch, or its CUDA libraries fail to load: try nvidia-smi
         pass
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",

@@ -79,18 +79,10 @@ cuda-tests)
         python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rfE ${XD[@]+"${XD[@]}"} \
         tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" | grep -v "^$"
     st=${PIPESTATUS[0]}
-    python3 - "$WORK" "$OUT/cuda_report.md" <<'PY'   # one table from every worker's rows
-import glob, json, sys
-rows = []
-for f in sorted(glob.glob(sys.argv[1] + "/cuda_report.md*.json")):
-    rows += json.load(open(f))
-rows.sort(key=lambda r: r["graph"])
-cols = ("graph", "strict", "cpu nodes", "memcpy", "parity", "tuples", "sec")
-with open(sys.argv[2], "w") as f:
-    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-    f.writelines("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows)
-print(f"cuda_report.md: {len(rows)} graphs")
-PY
+    # one table from every worker's rows (tests/test_cuda.py writes them)
+    python3 -c 'import sys; sys.path[:0] = ["tests"]; from test_cuda import merge_reports
+print(f"cuda_report.md: {merge_reports(sys.argv[1], sys.argv[2])} graphs")' \
+        "$WORK/cuda_report.md" "$OUT/cuda_report.md"
     ;;
 bench)
     python3 -m benchmarks.run --device cuda --out "$WORK/bench" --sizes "${SIZES:-256,1024}" ${MINERS:+--miners "$MINERS"} \

@@ -367,3 +367,23 @@ def test_rows_of_gathering_miners_run_the_gather_positives_graph(tmp_path):
         _row("TripletMarginMiner", 64, "pml"),
         _row("TripletMarginMiner", 64, "ort_cpu", graph="gather_positives")]))
     assert "[^1]: this row runs the miner's gather_positives=True graph" in md
+
+
+def test_cuda_report_merge_used_by_gpu_session(tmp_path):
+    """benchmarks/gpu_session.sh joins the pytest-xdist workers' CUDA rows with
+    tests/test_cuda.py's merge_reports: one table, every row, sorted by graph."""
+    import json
+
+    from test_cuda import merge_reports
+
+    rows = [{"graph": g, "strict": "yes", "cpu nodes": "-", "memcpy": 0, "parity": "ok",
+             "tuples": "1,2", "sec": 0.5} for g in ("c", "a", "b")]
+    for w, part in (("gw0", rows[:2]), ("gw1", rows[2:])):
+        (tmp_path / f"cuda_report.md.{w}.json").write_text(json.dumps(part))
+    out = tmp_path / "merged.md"
+    assert merge_reports(str(tmp_path / "cuda_report.md"), str(out)) == 3
+    lines = out.read_text().splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| a", "| b", "| c"]
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "benchmarks", "gpu_session.sh"), encoding="utf-8").read()
+    assert "merge_reports(" in script

@@ -85,12 +85,27 @@ def _graph(name, cfg, mode, dtype):
         gather_positives=mode.startswith("gather"))
 
 
-def _table() -> str:
+def _table(rows=None) -> str:
     cols = ("graph", "strict", "cpu nodes", "memcpy", "parity", "tuples", "sec")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in ROWS:
+    for r in (ROWS if rows is None else rows):
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def merge_reports(report: str, out: str) -> int:
+    """One table in ``out`` from the rows every pytest-xdist worker saved next to
+    ``report`` (``report``.gwN.json); returns the number of graphs."""
+    import glob
+
+    rows = []
+    for f in sorted(glob.glob(report + "*.json")):
+        with open(f, encoding="utf-8") as fh:
+            rows += json.load(fh)
+    rows.sort(key=lambda r: r["graph"])
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(_table(rows) + "\n")
+    return len(rows)
 
 
 def _write_report() -> None:
