@@ -62,23 +62,29 @@ def _compare(rows, ref, cfg):
         assert a["status"] == want, (i, a, b)
 
 
+POSITIVES = ["graph", "host"]   # the block graph's masked passes, or same-label pairs on the host
+
+
+@pytest.mark.parametrize("positives", POSITIVES)
 @pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_self_mining_equals_reference(tmp_path, name, blocks):
+def test_self_mining_equals_reference(tmp_path, name, blocks, positives):
     x, y = _int_data(0, N_SELF)
-    _, rows = _run(tmp_path, x, y, blocks=blocks, **CONFIGS[name])
+    _, rows = _run(tmp_path, x, y, blocks=blocks, positives=positives, **CONFIGS[name])
     cfg = MineConfig(**CONFIGS[name])
     _compare(rows, mine_reference(cfg, x, y, np.arange(N_SELF)), cfg)
 
 
+@pytest.mark.parametrize("positives", POSITIVES)
 @pytest.mark.parametrize("blocks", BLOCKS[:2], ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_query_vs_bank_equals_reference(tmp_path, name, blocks):
+def test_query_vs_bank_equals_reference(tmp_path, name, blocks, positives):
     q, ql = _int_data(1, N_Q)
     m, ml = _int_data(2, N_M)
     qid = 1000 + np.arange(N_Q)
     mid = 1000 + np.arange(N_M)  # overlapping ids: bank row i is query i (never its positive)
-    _, rows = _run(tmp_path, q, ql, qid, m, ml, mid, blocks=blocks, **CONFIGS[name])
+    _, rows = _run(tmp_path, q, ql, qid, m, ml, mid, blocks=blocks, positives=positives,
+                   **CONFIGS[name])
     cfg = MineConfig(**CONFIGS[name])
     ref = mine_reference(cfg, q, ql, qid, m, ml, mid, exclude_same_id=True)
     _compare(rows, ref, cfg)
@@ -94,13 +100,14 @@ def test_query_vs_bank_default_ids_do_not_exclude(tmp_path):
     _compare(rows, ref, cfg)
 
 
+@pytest.mark.parametrize("positives", POSITIVES)
 @pytest.mark.parametrize("strategy", ["hardest", "semihard", "multisimilarity"])
-def test_cosine_continuous_data(tmp_path, strategy):
+def test_cosine_continuous_data(tmp_path, strategy, positives):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(60, 8)).astype(np.float32)
     y = rng.integers(0, 4, 60)
     kw = dict(k=4, metric="cosine", strategy=strategy, margin=0.3, epsilon=0.05)
-    _, rows = _run(tmp_path, x, y, blocks=(9, 13), **kw)
+    _, rows = _run(tmp_path, x, y, blocks=(9, 13), positives=positives, **kw)
     cfg = MineConfig(**kw)
     ref = mine_reference(cfg, x, y, np.arange(60))
     for a, b in zip(rows, ref):
@@ -183,10 +190,11 @@ def test_masked_rows_never_reach_short_queries(tmp_path, metric, blocks):
 
 
 @pytest.mark.filterwarnings("ignore:bank.*occur more than once")
+@pytest.mark.parametrize("positives", POSITIVES)
 @pytest.mark.parametrize("blocks", [(6, 2), (5, 3), (7, 11), (64, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("name", ["hardest", "margin_pos", "easiest_ref", "random", "l2_hardest",
                                   "rank_window"])
-def test_host_side_exclusions_equal_reference(tmp_path, name, blocks):
+def test_host_side_exclusions_equal_reference(tmp_path, name, blocks, positives):
     """Excluded bank rows, repeated ids and bank blocks narrower than k are handled on
     the host (left out of the block, extra candidates then dropped): still exact."""
     rng = np.random.default_rng()
@@ -199,7 +207,7 @@ def test_host_side_exclusions_equal_reference(tmp_path, name, blocks):
     bad[[4, 5, 6, 7, 9]] = True            # a whole 2- or 3-row block, and a lone row
     m[bad] = np.nan
     _, rows = _run(tmp_path, q, ql, qid, m, ml, mid, blocks=blocks, exclude_same_id=True,
-                   **CONFIGS[name])
+                   positives=positives, **CONFIGS[name])
     cfg = MineConfig(**CONFIGS[name])
     ref = mine_reference(cfg, q, ql, qid, m[~bad], ml[~bad], mid[~bad], exclude_same_id=True)
     _compare(rows, ref, cfg)

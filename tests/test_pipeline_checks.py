@@ -453,3 +453,62 @@ def test_overflow_in_an_overlapped_merge_reaches_the_caller():
     with pytest.raises(ScoreOverflowError):
         _engine_pass(q, rng.integers(0, 3, 9), m, rng.integers(0, 3, 30), 3, 1, "float16",
                      overlap=True)
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_host_positive_sort_key_orders_like_the_floats(largest):
+    from exportminers.pipeline.engine import _order_key
+
+    rng = np.random.default_rng()
+    v = np.concatenate([(rng.standard_normal(200) * 10.0 ** rng.integers(-30, 30, 200)).astype(np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45], np.float32)])
+    key = _order_key(v, largest)
+    i, j = (a.ravel() for a in np.meshgrid(np.arange(len(v)), np.arange(len(v))))   # every pair
+    better = v[i] > v[j] if largest else v[i] < v[j]
+    assert np.array_equal(key[i] < key[j], better)
+    assert np.array_equal(key[i] == key[j], v[i] == v[j])   # -0.0 and +0.0 tie
+
+
+def test_positives_auto_picks_the_host_for_small_classes_only(tmp_path):
+    from types import SimpleNamespace
+
+    from exportminers.pipeline.mine import HOST_POSITIVE_SHARE, positives_on_host, same_label_pairs
+
+    rng = np.random.default_rng()
+    ql, bl = rng.integers(0, 9, 300), rng.integers(0, 12, 500)
+    qv, bv = rng.random(300) < 0.9, rng.random(500) < 0.9
+    qscan = SimpleNamespace(labels=ql, valid=qv)
+    bscan = SimpleNamespace(labels=bl, valid=bv)
+    brute = int(sum(((bl == x) & bv).sum() for x in ql[qv]))
+    assert same_label_pairs(qscan, bscan) == brute
+    inp = SimpleNamespace(qscan=qscan, bscan=bscan)
+    share = brute / (qv.sum() * bv.sum())   # about 1/12: graph on both devices
+    assert positives_on_host("auto", inp, "cpu") == (share <= HOST_POSITIVE_SHARE["cpu"])
+    assert not positives_on_host("graph", inp, "cpu") and positives_on_host("host", inp, "cpu")
+    # end to end: many small classes -> host; the summary says which was used
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = np.arange(400) // 2   # 200 classes of 2: share 1/400
+    res = mine(x, y, out_dir=tmp_path / "a", k=3, formats=[], **KW)
+    assert res.summary["engine"]["positives"] == "host"
+    res = mine(x, y % 3, out_dir=tmp_path / "b", k=3, formats=[], **KW)
+    assert res.summary["engine"]["positives"] == "graph"
+
+
+def test_positives_argument_is_checked(tmp_path, capsys):
+    x = np.zeros((10, 4), np.float32)
+    with pytest.raises(ValueError, match="positives must be"):
+        mine(x, np.zeros(10, int), out_dir=tmp_path / "o", positives="gpu", **KW)
+    with pytest.raises(ValueError, match="engine='local' only"):
+        mine(x, np.zeros(10, int), out_dir=tmp_path / "o", positives="host", engine="ray", **KW)
+
+
+@pytest.mark.parametrize("choice", ["graph", "host"])
+def test_cli_positives_option_reaches_the_engine(tmp_path, capsys, choice):
+    rng = np.random.default_rng()
+    np.save(tmp_path / "x.npy", rng.normal(size=(30, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, 30))
+    rc, err = _cli([tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "-k", 2, "--device", "cpu",
+                    "--positives", choice, "-o", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["engine"]["positives"] == choice

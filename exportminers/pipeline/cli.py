@@ -97,6 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--shard-size", type=int, help="queries per output shard / resume unit; with --engine ray: queries per Ray batch (default: 16 query blocks)")
     e.add_argument("--bank-cache-gb", type=float, help="keep the bank on the device up to this size (default: 4 CUDA, 1 CPU)")
     e.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (CPU)")
+    e.add_argument("--positives", choices=["auto", "graph", "host"], default="auto",
+                   help="where positives are found: graph (masked passes over every score "
+                        "block), host (only same-label pairs, scored beside the device's "
+                        "work), auto: host when classes are small (default: %(default)s; the "
+                        "Ray engine always uses the graph)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = p.add_argument_group("Ray engine (--engine ray; needs pip install 'exportminers[ray]')")
@@ -172,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         formats=formats, device=args.device, dtype=args.dtype, block_size=args.block_size,
         shard_size=args.shard_size, bank_cache_gb=args.bank_cache_gb,
         overwrite=args.overwrite, progress=not args.no_progress, plot=not args.no_plot,
-        threads=args.threads, embedding_column=args.embedding_column,
+        threads=args.threads, positives=args.positives, embedding_column=args.embedding_column,
         label_column=args.label_column, id_column=args.id_column)
     if args.engine == "ray":
         kw.update(engine="ray", ray_address=args.address, num_actors=args.num_actors,

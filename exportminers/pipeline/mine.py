@@ -114,7 +114,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
          ray_address: Optional[str] = None,
          num_actors: Optional[int] = None, num_gpus_per_actor: float = 0,
          num_cpus_per_actor: Optional[float] = None, bank_shards: int = 1,
-         max_retries: int = 3) -> MineResult:
+         max_retries: int = 3, positives: str = "auto") -> MineResult:
     """Mine hard negatives and positives for every query against a bank, out of core.
 
     Queries and bank are streamed in blocks through a fixed-shape ONNX block graph on
@@ -156,6 +156,13 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             ``num_actors``, ``num_gpus_per_actor``, ``num_cpus_per_actor``,
             ``bank_shards`` and ``max_retries`` (Ray engine only). With
             ``engine="ray"``, ``shard_size`` is the number of queries per Ray batch.
+        positives: where the local engine finds positives: ``"graph"`` (masked passes
+            over every score block), ``"host"`` (only the same-label pairs, scored on the
+            host beside the device's work) or ``"auto"`` (the default: the host when the
+            same-label pairs are a small share of the score matrix, see
+            :data:`HOST_POSITIVE_SHARE`). Same results either way, up to the rounding of
+            a positive's score (float32 sums in another order). The Ray engine always
+            uses the graph.
 
     Returns:
         :class:`MineResult` with the output paths and the summary dict.
@@ -175,7 +182,12 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             seed=seed, num_positives=num_positives, easiest_positive=easiest_positive,
             positive_ref=positive_ref, exclude_same_id=exclude_same_id)
     cfg = config
+    if positives not in ("auto", "graph", "host"):
+        raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
     if engine == "ray":
+        if positives == "host":
+            raise ValueError("positives='host' applies to engine='local' only (the Ray "
+                             "engine finds positives in the block graph)")
         from .ray_engine import mine_ray  # imports ray; the local engine never does
 
         return mine_ray(
@@ -222,8 +234,10 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     shard_size = -(-int(shard_size) // bq_eff) * bq_eff
     n_shards = -(-qsrc.n // shard_size)
 
-    specs = graph_specs(cfg, dtype)
+    host_pos = positives_on_host(positives, inp, device)
+    specs, pos_kind = graph_specs(cfg, dtype, host_pos)
     runners = [BlockRunner(s, device, threads) for s in specs]
+    passes = 2 if cfg.needs_positive else 1
 
     # ---- output folder and resume state
     out_dir = Path(out_dir)
@@ -241,7 +255,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     cache_gb = bank_cache_gb if bank_cache_gb is not None else (4.0 if device == "cuda" else 1.0)
     n_bank_blocks = -(-bsrc.n // bm_eff)
     bank_bytes = n_bank_blocks * bm_eff * bsrc.dim * np_dtype.itemsize
-    cache_bank = bank_bytes <= cache_gb * 2 ** 30 and (len(todo) * len(specs) > 1)
+    cache_bank = bank_bytes <= cache_gb * 2 ** 30 and (len(todo) * passes > 1)
     bank_cache: List[DeviceBlock] = []
 
     def bank_blocks() -> Iterator[DeviceBlock]:
@@ -256,7 +270,6 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
                 bank_cache.append(db)
             yield db
 
-    passes = len(specs)
     todo_rows = sum(min(qsrc.n, (i + 1) * shard_size) - i * shard_size for i in todo)
     prog = Progress(total=todo_rows * passes * bsrc.n, enabled=progress,
                     desc="mining", unit_scale=1.0 / bsrc.n / passes, unit="queries")
@@ -275,20 +288,21 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
                                          same_id))
         nrows = s1 - s0
         tick = lambda n_bank_rows, _n=nrows: prog.update(_n * n_bank_rows)
+        hp = pos_kind if host_pos else None
         if cfg.needs_positive:
-            r1 = run_pass(runners[0], qblocks, bank_blocks(), nrows, kc, k_pos, np_dtype,
-                          on_bank_block=tick)
+            r1 = run_pass(None if host_pos else runners[0], qblocks, bank_blocks(), nrows, kc,
+                          k_pos, np_dtype, on_bank_block=tick, host_pos=hp)
             ref = r1.epos if cfg.positive_ref == "easiest" else r1.hpos
             pos_c = ref.c[:, 0].copy()
             pos_c[~np.isfinite(pos_c)] = np.nan
             band = negative_band(cfg, pos_c, nrows)
-            r2 = run_pass(runners[1], qblocks, bank_blocks(), nrows, kc, k_pos, np_dtype,
+            r2 = run_pass(runners[-1], qblocks, bank_blocks(), nrows, kc, k_pos, np_dtype,
                           band=band, on_bank_block=tick)
             neg, hpos, epos = r2.neg, r1.hpos, r1.epos
         else:
             band = negative_band(cfg, None, nrows) if cfg.has_band else None
             r = run_pass(runners[0], qblocks, bank_blocks(), nrows, kc, k_pos, np_dtype,
-                         band=band, on_bank_block=tick)
+                         band=band, on_bank_block=tick, host_pos=hp)
             neg, hpos, epos = r.neg, r.hpos, r.epos
         ranks, count = select_window(cfg, neg.c, rows)
         excl = np.full(nrows, "", dtype=object)
@@ -314,7 +328,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     mined = out_dir / "mined.parquet"
     out_mod.concat_shards(shard_paths, mined)
     engine_info = {"device": device, "dtype": dtype, "block_q": bq_eff, "block_m": bm_eff,
-                   "graphs": [s.filename for s in specs], "shards": n_shards,
+                   "graphs": [s.filename for s in specs],
+                   "positives": "host" if host_pos else "graph", "shards": n_shards,
                    "shards_run_now": len(todo), "shard_size": shard_size,
                    "bank_cached_on_device": bool(cache_bank)}
     qps = round(todo_rows / mine_seconds, 1) if todo and mine_seconds > 0 else None
@@ -576,15 +591,50 @@ def _warn_degenerate_labels(qscan: Scan, bscan: Scan, cfg: MineConfig) -> None:
                       "(status no_positive)", RuntimeWarning, stacklevel=4)
 
 
-def graph_specs(cfg: MineConfig, dtype: str) -> List[GraphSpec]:
-    """One graph (``both``) when the negative band does not depend on the positives,
-    else two passes: ``pos`` (positives first), then ``neg`` with the band."""
+def graph_specs(cfg: MineConfig, dtype: str, host_pos: bool = False):
+    """The block graphs a run needs, and (metric kind, easiest too) for the positives.
+
+    One graph (``both``) when the negative band does not depend on the positives, else
+    two passes: ``pos`` (positives first), then ``neg`` with the band. With positives on
+    the host (``host_pos``) the graphs find negatives only: ``neg``, or no graph for the
+    positives' pass."""
     mk = "l2" if cfg.metric == "l2" else "dot"
     easy = cfg.easiest_positive or (cfg.needs_positive and cfg.positive_ref == "easiest")
     if cfg.needs_positive:
-        return [GraphSpec("pos", mk, easy=easy, dtype=dtype),
-                GraphSpec("neg", mk, band=True, dtype=dtype)]
-    return [GraphSpec("both", mk, band=cfg.has_band, easy=easy, dtype=dtype)]
+        neg = [GraphSpec("neg", mk, band=True, dtype=dtype)]
+        return (neg if host_pos else [GraphSpec("pos", mk, easy=easy, dtype=dtype)] + neg), (mk, easy)
+    if host_pos:
+        return [GraphSpec("neg", mk, band=cfg.has_band, dtype=dtype)], (mk, easy)
+    return [GraphSpec("both", mk, band=cfg.has_band, easy=easy, dtype=dtype)], (mk, easy)
+
+
+# positives="auto" scores the positives on the host when the same-label pairs are at
+# most this share of the query x bank score matrix. The host costs a gather and a d-wide
+# dot per pair (about 75 ns at d = 128 on the 2-core dev machine); the graph's masked
+# passes cost every element of the matrix. CPU, measured with benchmarks/bench_pipeline.py
+# (Q = 2,048 x M = 131,072, float32, blocks 1024 x 8192): host faster at a share of 1/100
+# (0.78 vs 1.17 s), slower at 1/20 (1.55 vs 1.02 s). CUDA, estimated from the H100's
+# per-pass times (not yet measured): the host work runs beside the device's and stays
+# hidden while it is under the negatives graph's ~11 ms per 4096 x 262144 block pair,
+# i.e. up to a share of about 1/7000.
+HOST_POSITIVE_SHARE = {"cpu": 1 / 64, "cuda": 1 / 8192}
+
+
+def same_label_pairs(qscan: "Scan", bscan: "Scan") -> int:
+    """How many (usable query, usable bank row) pairs share a label."""
+    bl, bcount = np.unique(bscan.labels[bscan.valid], return_counts=True)
+    ql = qscan.labels[qscan.valid]
+    if not len(bl) or not len(ql):
+        return 0
+    i = np.minimum(np.searchsorted(bl, ql), len(bl) - 1)
+    return int(bcount[i][bl[i] == ql].sum())
+
+
+def positives_on_host(positives: str, inp: "Inputs", device: str) -> bool:
+    if positives != "auto":
+        return positives == "host"
+    nq, nb = int(inp.qscan.valid.sum()), int(inp.bscan.valid.sum())
+    return same_label_pairs(inp.qscan, inp.bscan) <= HOST_POSITIVE_SHARE[device] * nq * nb
 
 
 def run_state(cfg: MineConfig, dtype: str, inp: Inputs) -> dict:

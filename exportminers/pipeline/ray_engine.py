@@ -701,7 +701,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         batch_size = min(16 * bq_eff, per_actor)
     batch_size = _check_positive_int("batch_size (shard_size)", batch_size)
     batch_rows = -(-batch_size // bq_eff) * bq_eff
-    specs = graph_specs(cfg, dtype)
+    specs, _ = graph_specs(cfg, dtype)   # positives in the graph
     easy = specs[0].easy
     schema = _expected_schema(cfg, easy, kc, k_pos)
 
