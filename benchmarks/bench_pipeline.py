@@ -64,9 +64,19 @@ def run_ort(q, ql, m, ml, k, bq, bm, device, dtype, profile_prefix=None, positiv
     """Engine path: every bank block once, all query blocks against it, host merge.
     ``positives``: "graph" (the ``both`` block graph) or "host" (a ``neg`` graph, and
     the same-label pairs scored on the host beside it)."""
+    from types import SimpleNamespace
+
+    from exportminers.pipeline.mine import UNMASKED_MAX_K, largest_query_class
+
     cfg = MineConfig(k=k, metric="dot", num_positives=1)
     host = positives == "host"
-    spec = GraphSpec("neg" if host else "both", "dot", band=False, easy=False, dtype=dtype)
+    # as mine() decides: with host positives, the label mask goes to the host too when
+    # k + the largest class stays within UNMASKED_MAX_K
+    big = largest_query_class(SimpleNamespace(labels=ql, valid=np.ones(len(ql), bool)),
+                              SimpleNamespace(labels=ml, valid=np.ones(len(ml), bool)))
+    unmasked = host and k + big <= UNMASKED_MAX_K[device]
+    spec = GraphSpec("neg" if host else "both", "dot", band=False, easy=False, dtype=dtype,
+                     label_mask=not unmasked)
     mem0 = gpu_memory_mib() if device == "cuda" else None
     runner = BlockRunner(spec, device, profile_prefix=profile_prefix)
     npd = np.dtype(dtype)
@@ -274,7 +284,7 @@ def main(argv=None):
         t_m, t_up, neg_m, pos_m, mem, _ = run_ort(q, ql, m, ml, k, bq, bm, device, dtype,
                                                   positives=mode)
         runs[mode] = (t_m, neg_m, pos_m)
-        name = "onnxruntime block engine" + ("" if mode == "graph" else ", host positives")
+        name = "onnxruntime block engine" + ("" if mode == "graph" else ", host labels")
         report(name, t_m, mem, block=f"{bq}x{bm}", upload_s=t_up, positives=mode)
         print(f"{'':28s} (+{t_up:.3f} s preparing and uploading blocks, not timed above)")
     if len(runs) > 1:

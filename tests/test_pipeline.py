@@ -40,9 +40,20 @@ BLOCKS = [(7, 11), (16, 64), (64, 64)]
 
 
 def _run(tmp_path, q, ql, qid=None, m=None, ml=None, mid=None, blocks=(7, 11), **cfg):
-    res = mine(q, ql, qid, bank=m, bank_labels=ml, bank_ids=mid, out_dir=tmp_path / "out",
-               block_size=blocks, shard_size=blocks[0] * 2, progress=False, plot=False,
-               formats=[], device="cpu", **cfg)
+    # positives="host_masked": positives on the host, label mask still in the graph
+    import importlib
+
+    mine_mod = importlib.import_module("exportminers.pipeline.mine")   # the module, not mine()
+    saved = dict(mine_mod.UNMASKED_MAX_K)
+    if cfg.get("positives") == "host_masked":
+        cfg["positives"] = "host"
+        mine_mod.UNMASKED_MAX_K["cpu"] = 0
+    try:
+        res = mine(q, ql, qid, bank=m, bank_labels=ml, bank_ids=mid, out_dir=tmp_path / "out",
+                   block_size=blocks, shard_size=blocks[0] * 2, progress=False, plot=False,
+                   formats=[], device="cpu", **cfg)
+    finally:
+        mine_mod.UNMASKED_MAX_K.update(saved)
     return res, pq.read_table(res.output).to_pylist()
 
 
@@ -62,7 +73,9 @@ def _compare(rows, ref, cfg):
         assert a["status"] == want, (i, a, b)
 
 
-POSITIVES = ["graph", "host"]   # the block graph's masked passes, or same-label pairs on the host
+# positives from the block graph's masked passes, or from same-label pairs on the host
+# with the negatives' label mask on the host too (small classes) or in the graph
+POSITIVES = ["graph", "host", "host_masked"]
 
 
 @pytest.mark.parametrize("positives", POSITIVES)

@@ -109,6 +109,8 @@ def test_every_graph_is_shipped_and_shape_free():
         names = {i.name for i in model.graph.input}
         assert ("k_neg" in names) == spec.has_neg and ("k_pos" in names) == spec.has_pos
         assert ("k_epos" in names) == spec.easy
+        # an unmasked negatives graph compares no labels: the engine drops them on the host
+        assert ("q_label" in names) == spec.label_mask and ("Equal" in ops) == spec.label_mask
         assert ("neg_lo" in names) == spec.band
 
 
@@ -159,3 +161,10 @@ def test_block_size_guard():
         check_block_sizes(4096, 1048576)
     with pytest.raises(ValueError, match="block_q"):
         check_block_sizes(0, 10)
+
+
+def test_only_negatives_graphs_leave_the_label_mask_out():
+    assert not graphs.GraphSpec("neg", "dot", label_mask=False).label_mask
+    for kind in ("pos", "both"):
+        with pytest.raises(ValueError, match="label mask"):
+            graphs.GraphSpec(kind, "dot", label_mask=False)

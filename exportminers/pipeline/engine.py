@@ -234,15 +234,35 @@ def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarr
     return DeviceBlock(offset, n, cols_n, feeds, (e, lab), ids=ids, cols=cols, id_mult=mult)
 
 
+def label_sort(mb: DeviceBlock) -> Tuple[np.ndarray, np.ndarray]:
+    """A bank block's columns sorted by label (stable) and the sorted labels, computed
+    once per block."""
+    if mb.label_order is None:
+        lab = mb.host[1]
+        order = np.argsort(lab, kind="stable")
+        mb.label_order = (order, lab[order])
+    return mb.label_order
+
+
+def same_label_counts(mb: DeviceBlock, qlab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """For each query label: the first position of its run in the block's label sort and
+    how many columns carry it."""
+    sorted_lab = label_sort(mb)[1]
+    lo = np.searchsorted(sorted_lab, qlab, side="left")
+    return lo, np.searchsorted(sorted_lab, qlab, side="right") - lo
+
+
 def block_candidates(mb: DeviceBlock, qids: Optional[np.ndarray], c: np.ndarray,
-                     i: np.ndarray, largest: bool):
+                     i: np.ndarray, largest: bool, qlab: Optional[np.ndarray] = None):
     """A block's TopK output (closeness, column) as (closeness, bank row): padding
-    columns and columns with the query's id become empty slots (-inf when ``largest``,
-    else +inf)."""
+    columns, columns with the query's id and, given ``qlab`` (an unmasked graph), columns
+    with the query's label become empty slots (-inf when ``largest``, else +inf)."""
     rows = mb.cols[i]
     drop = rows < 0
     if mb.ids is not None and qids is not None:
         drop |= mb.ids[i] == qids[:, None]
+    if qlab is not None:
+        drop |= mb.host[1][i] == qlab[:, None]
     if drop.any():
         c = np.where(drop, -np.inf if largest else np.inf, c)
     return c, rows
@@ -326,14 +346,9 @@ def host_positive_candidates(qb: DeviceBlock, mb: DeviceBlock, n: int, qvalid: n
     fill = -np.inf if largest else np.inf
     c_out = np.full((n, k), fill, dtype=F32)
     r_out = np.full((n, k), -1, dtype=np.int64)
-    if mb.label_order is None:   # columns sorted by label, once per bank block
-        lab = mb.host[1]
-        order = np.argsort(lab, kind="stable")
-        mb.label_order = (order, lab[order])
-    order, sorted_lab = mb.label_order
-    qlab = qb.host[1][:n]
-    lo = np.searchsorted(sorted_lab, qlab, side="left")
-    cnt = np.where(qvalid, np.searchsorted(sorted_lab, qlab, side="right") - lo, 0)
+    order = label_sort(mb)[0]
+    lo, cnt = same_label_counts(mb, qb.host[1][:n])
+    cnt = np.where(qvalid, cnt, 0)
     total = int(cnt.sum())
     if total == 0:
         return c_out, r_out
@@ -434,6 +449,9 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
             blo[:qb.rows] = lo[r0:r0 + qb.rows]
             bhi[:qb.rows] = hi[r0:r0 + qb.rows]
             band_feeds.append(({"neg_lo": runner.put(blo), "neg_hi": runner.put(bhi)}, (blo, bhi)))
+    # an unmasked negatives graph leaves same-label columns in: per block pair, its TopK
+    # asks for as many more as the query block's most common label has in the bank block
+    unmasked = spec is not None and spec.has_neg and not spec.label_mask
     outs = [(res.neg, "neg", True)]
     if host_pos is None:
         outs += [(res.hpos, "hpos", False), (res.epos, "epos", True)]
@@ -442,8 +460,9 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
     def merge(out, qb, mb, r0, r1, qvalid, qids):
         n = r1 - r0
         for st, name, largest in outs:
+            qlab = qb.host[1][:n] if unmasked and name == "neg" else None
             c, rows = block_candidates(mb, qids, out[name + "_c"][:n], out[name + "_i"][:n],
-                                       largest)
+                                       largest, qlab)
             st.update(r0, r1, c, rows, 0, qvalid)
         if host_pos is not None:
             for st in (res.hpos, res.epos):
@@ -479,6 +498,10 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
                 out = {}
                 if runner is not None:
                     feeds = {**qb.feeds, **mb.feeds, **kf}
+                    if unmasked and not padded:
+                        qlab = qb.host[1][:qb.rows]
+                        cnt = same_label_counts(mb, qlab)[1][qlab != SENTINEL]
+                        feeds["k_neg"] = kval(k_eff(k_neg + int(cnt.max(initial=0))))
                     if band_feeds:
                         feeds.update(band_feeds[j][0])
                     out = runner.run(feeds)

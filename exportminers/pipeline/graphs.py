@@ -29,7 +29,10 @@ Outputs (closeness: larger = closer; -inf / +inf mark empty slots):
 - ``epos_c`` T[B_q, k_epos], ``epos_i``: the most similar same-label columns
   (``easy`` graphs)
 
-Everything that is not a label comparison stays on the host, where it costs nothing per
+``unmasked`` negatives graphs (``label_mask=False``) do not compare labels either: the
+engine asks their TopK for as many more candidates as the query's label has columns in
+the bank block and drops those on the host, which leaves the graph a MatMul and a TopK
+when classes are small. Everything that is not a label comparison stays on the host, where it costs nothing per
 score (graph version 4; version 3 spent five of its eleven full-block passes on it):
 
 - excluded bank rows (NaN/inf, missing label) are left out of the bank block, not
@@ -76,6 +79,7 @@ class GraphSpec:
     band: bool = False
     easy: bool = False
     dtype: str = "float32"
+    label_mask: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +92,8 @@ class GraphSpec:
             raise ValueError("a 'pos' graph has no negative band")
         if self.kind == "neg" and self.easy:
             raise ValueError("a 'neg' graph has no positives")
+        if not self.label_mask and self.kind != "neg":
+            raise ValueError("only a 'neg' graph can leave the label mask to the host")
 
     @property
     def has_neg(self) -> bool:
@@ -100,15 +106,17 @@ class GraphSpec:
     @property
     def filename(self) -> str:
         return (f"block_{self.kind}_{self.metric}_{'band' if self.band else 'noband'}_"
-                f"{'easy' if self.easy else 'hard'}_{self.dtype}_v{GRAPH_VERSION}.onnx")
+                f"{'easy' if self.easy else 'hard'}_{self.dtype}"
+                f"{'' if self.label_mask else '_unmasked'}_v{GRAPH_VERSION}.onnx")
 
 
 def all_specs() -> List[GraphSpec]:
     out = []
     for metric in METRIC_KINDS:
         for dtype in DTYPES:
-            out.append(GraphSpec("neg", metric, band=False, dtype=dtype))
-            out.append(GraphSpec("neg", metric, band=True, dtype=dtype))
+            for mask in (True, False):
+                out.append(GraphSpec("neg", metric, band=False, dtype=dtype, label_mask=mask))
+                out.append(GraphSpec("neg", metric, band=True, dtype=dtype, label_mask=mask))
             for easy in (False, True):
                 out.append(GraphSpec("pos", metric, easy=easy, dtype=dtype))
                 for band in (False, True):
@@ -180,7 +188,10 @@ def _make_module(spec: GraphSpec):
             same_label = q_label.unsqueeze(1) == m_label.unsqueeze(0)
             outs = []
             if spec.has_neg:
-                neg = torch.where(same_label, torch.tensor(-inf, dtype=c.dtype), c)
+                # unmasked: the engine asks for as many more candidates as the query's
+                # label has columns in the block and drops those on the host
+                neg = torch.where(same_label, torch.tensor(-inf, dtype=c.dtype), c) \
+                    if spec.label_mask else c
                 if spec.band:
                     in_band = (c >= neg_lo.unsqueeze(1)) & (c <= neg_hi.unsqueeze(1))
                     neg = torch.where(in_band, neg, torch.tensor(-inf, dtype=c.dtype))

@@ -235,7 +235,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     n_shards = -(-qsrc.n // shard_size)
 
     host_pos = positives_on_host(positives, inp, device)
-    specs, pos_kind = graph_specs(cfg, dtype, host_pos)
+    unmasked = host_pos and negatives_unmasked(inp, device)
+    specs, pos_kind = graph_specs(cfg, dtype, host_pos, unmasked)
     runners = [BlockRunner(s, device, threads) for s in specs]
     passes = 2 if cfg.needs_positive else 1
 
@@ -329,7 +330,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     out_mod.concat_shards(shard_paths, mined)
     engine_info = {"device": device, "dtype": dtype, "block_q": bq_eff, "block_m": bm_eff,
                    "graphs": [s.filename for s in specs],
-                   "positives": "host" if host_pos else "graph", "shards": n_shards,
+                   "positives": "host" if host_pos else "graph",
+                   "label_mask": "host" if unmasked else "graph", "shards": n_shards,
                    "shards_run_now": len(todo), "shard_size": shard_size,
                    "bank_cached_on_device": bool(cache_bank)}
     qps = round(todo_rows / mine_seconds, 1) if todo and mine_seconds > 0 else None
@@ -591,20 +593,22 @@ def _warn_degenerate_labels(qscan: Scan, bscan: Scan, cfg: MineConfig) -> None:
                       "(status no_positive)", RuntimeWarning, stacklevel=4)
 
 
-def graph_specs(cfg: MineConfig, dtype: str, host_pos: bool = False):
+def graph_specs(cfg: MineConfig, dtype: str, host_pos: bool = False, unmasked: bool = False):
     """The block graphs a run needs, and (metric kind, easiest too) for the positives.
 
     One graph (``both``) when the negative band does not depend on the positives, else
     two passes: ``pos`` (positives first), then ``neg`` with the band. With positives on
     the host (``host_pos``) the graphs find negatives only: ``neg``, or no graph for the
-    positives' pass."""
+    positives' pass; ``unmasked``: negatives graphs that leave the label mask to the
+    host (with host positives only)."""
     mk = "l2" if cfg.metric == "l2" else "dot"
     easy = cfg.easiest_positive or (cfg.needs_positive and cfg.positive_ref == "easiest")
+    mask = not (host_pos and unmasked)
     if cfg.needs_positive:
-        neg = [GraphSpec("neg", mk, band=True, dtype=dtype)]
+        neg = [GraphSpec("neg", mk, band=True, dtype=dtype, label_mask=mask)]
         return (neg if host_pos else [GraphSpec("pos", mk, easy=easy, dtype=dtype)] + neg), (mk, easy)
     if host_pos:
-        return [GraphSpec("neg", mk, band=cfg.has_band, dtype=dtype)], (mk, easy)
+        return [GraphSpec("neg", mk, band=cfg.has_band, dtype=dtype, label_mask=mask)], (mk, easy)
     return [GraphSpec("both", mk, band=cfg.has_band, easy=easy, dtype=dtype)], (mk, easy)
 
 
@@ -628,6 +632,30 @@ def same_label_pairs(qscan: "Scan", bscan: "Scan") -> int:
         return 0
     i = np.minimum(np.searchsorted(bl, ql), len(bl) - 1)
     return int(bcount[i][bl[i] == ql].sum())
+
+
+# With positives on the host, the negatives graph also leaves the label mask to the host
+# (a MatMul and a TopK, no Equal / Where passes over the score block) when the TopK then
+# needs at most this many candidates: k + the most bank rows of any query label. ONNX
+# Runtime's CPU TopK grows with k (1024 x 8192 block: 2.8 ms at k = 11, 6.6 ms at 40,
+# against 7.3 ms for the Equal and Where it saves); its CUDA TopK (radix select) barely
+# does up to thousands.
+UNMASKED_MAX_K = {"cpu": 40, "cuda": 128}
+
+
+def largest_query_class(qscan: "Scan", bscan: "Scan") -> int:
+    """The most usable bank rows that carry one usable query's label."""
+    bl, bcount = np.unique(bscan.labels[bscan.valid], return_counts=True)
+    ql = np.unique(qscan.labels[qscan.valid])
+    if not len(bl) or not len(ql):
+        return 0
+    i = np.minimum(np.searchsorted(bl, ql), len(bl) - 1)
+    hit = bl[i] == ql
+    return int(bcount[i][hit].max()) if hit.any() else 0
+
+
+def negatives_unmasked(inp: "Inputs", device: str) -> bool:
+    return inp.kc + largest_query_class(inp.qscan, inp.bscan) <= UNMASKED_MAX_K[device]
 
 
 def positives_on_host(positives: str, inp: "Inputs", device: str) -> bool:
