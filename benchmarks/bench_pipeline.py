@@ -297,13 +297,14 @@ def main(argv=None):
     t, ort_neg, ort_pos = runs[best]
     if args.ort_profile:   # a second, profiled pass (profiling slows the timed one)
         profile = os.path.join(args.out or ".", "ort_profile")
-        tp, _, _, _, _, ops = run_ort(q, ql, m, ml, k, bq, bm, device, dtype, profile)
+        tp, _, _, _, _, ops = run_ort(q, ql, m, ml, k, bq, bm, device, dtype, profile,
+                                      positives=best)
         if ops:
             total = sum(ops.values()) or 1
             where = ("host time per node: CUDA kernels run async, so a node that waits on "
                      "the device absorbs earlier kernels' time" if device == "cuda"
                      else "kernel time per node")
-            print(f"onnxruntime profile ({where}; profiled pass {tp:.3f} s): " + ", ".join(
+            print(f"onnxruntime profile ({where}; {best} positives, profiled pass {tp:.3f} s): " + ", ".join(
                 f"{op} {100 * us / total:.1f}%" for op, us in list(ops.items())[:8]))
             result["ort_ops_us"] = ops
             result["ort_ops_note"] = where
@@ -311,7 +312,7 @@ def main(argv=None):
     for size in (args.block_sizes.split(",") if args.block_sizes else []):
         sq, sm = (int(v) for v in size.lower().split("x"))
         check_block_sizes(sq, sm)
-        ts = run_ort(q, ql, m, ml, k, sq, sm, device, dtype)[0]
+        ts = run_ort(q, ql, m, ml, k, sq, sm, device, dtype, positives=best)[0]
         report(f"  engine, blocks {sq}x{sm}", ts, None, block=f"{sq}x{sm}")
         sweep.append((f"{sq}x{sm}", Q / ts))
     have_torch = not args.skip_torch
