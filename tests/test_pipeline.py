@@ -237,3 +237,56 @@ def test_padding_column_never_displaces_a_lone_row(tmp_path, metric):
     _, rows = _run(tmp_path, q, np.zeros(2, np.int64), None, m, np.ones(4, np.int64), None,
                    blocks=(2, 2), k=1, metric=metric)
     assert [r["neg_ids"] for r in rows] == [[0], [0]]
+
+
+@pytest.mark.parametrize("name", ["hardest", "easiest_ref", "margin_pos", "l2_hardest"])
+def test_host_positives_in_small_groups_of_pairs_equal_reference(tmp_path, name, monkeypatch):
+    """Host positives take the query rows in groups that hold at most _PAIR_BUDGET
+    same-label pairs (one query alone may exceed it)."""
+    from exportminers.pipeline import engine
+
+    monkeypatch.setattr(engine, "_PAIR_BUDGET", 5)
+    x, y = _int_data(int(np.random.default_rng().integers(1 << 30)), N_SELF, labels=3)
+    _, rows = _run(tmp_path, x, y, blocks=(16, 64), positives="host", **CONFIGS[name])
+    cfg = MineConfig(**CONFIGS[name])
+    _compare(rows, mine_reference(cfg, x, y, np.arange(N_SELF)), cfg)
+
+
+def test_topk_asks_for_extra_candidates_only_for_ids_in_the_block(tmp_path, monkeypatch):
+    """Same-id exclusion: a TopK asks for k plus the most bank columns one of the query
+    block's ids has in the bank block, not the block's largest id group."""
+    from exportminers.pipeline import engine
+
+    asked = []
+    run = engine.BlockRunner.run
+
+    def spy(self, feeds):
+        asked.append(int(np.asarray(feeds["k_neg"].numpy())[0]))
+        return run(self, feeds)
+
+    monkeypatch.setattr(engine.BlockRunner, "run", spy)
+    q, ql = _int_data(1, 8)
+    m, ml = _int_data(2, 40)
+    mid = np.full(40, 7)                 # one id on every bank row
+    mid[:20] = 100 + np.arange(20)
+    qid = 1000 + np.arange(8)            # no query has a bank id ...
+    _run(tmp_path / "a", q, ql, qid, m, ml, mid, blocks=(8, 20), k=3, metric="dot",
+         exclude_same_id=True, positives="graph")
+    assert asked and set(asked) == {3}
+    asked.clear()
+    qid[5] = 7                           # ... then one has the 20-row id of block 2
+    _run(tmp_path / "b", q, ql, qid, m, ml, mid, blocks=(8, 20), k=3, metric="dot",
+         exclude_same_id=True, positives="graph")
+    assert asked == [3, 20]              # k + 20 > 20 columns: the whole block
+
+
+@pytest.mark.parametrize("positives", POSITIVES)
+@pytest.mark.parametrize("name", ["semihard", "margin_pos", "l2_semihard"])
+def test_two_pass_without_bank_cache_equals_reference(tmp_path, name, positives):
+    """Two-pass strategies with the bank streamed again for each pass (no cache); with
+    host positives the first pass moves nothing to the device."""
+    x, y = _int_data(int(np.random.default_rng().integers(1 << 30)), N_SELF)
+    _, rows = _run(tmp_path, x, y, blocks=(7, 11), positives=positives, bank_cache_gb=0,
+                   **CONFIGS[name])
+    cfg = MineConfig(**CONFIGS[name])
+    _compare(rows, mine_reference(cfg, x, y, np.arange(N_SELF)), cfg)

@@ -164,12 +164,14 @@ class DeviceBlock:
     outputs.
 
     A query block is padded to ``size`` rows (padded and excluded rows carry the
-    sentinel label; their outputs are never read). A bank block holds only its usable
-    rows, as ``size`` columns: ``cols`` maps a column to its row in the bank (-1 marks
-    padding, added only to reach the 2 columns every block needs) and ``ids`` to the id
-    that same-id exclusion compares (None: no exclusion). ``id_mult`` is the most
-    columns that share one id: how many extra candidates each TopK asks for, so that
-    dropping the query's own id still leaves k.
+    sentinel label; padded rows' outputs are never read, excluded rows' are merged but
+    never reported). A bank block holds only its usable rows, as ``size`` columns:
+    ``cols`` maps a column to its row in the bank (-1 marks padding, added only to reach
+    the 2 columns every block needs) and ``ids`` to the id that same-id exclusion
+    compares (None: no exclusion). ``label_order`` / ``id_order`` (filled on first use)
+    sort the columns by label / id: per block pair, each TopK asks for as many extra
+    candidates as the query block's ids (and, unmasked, labels) have columns here, so
+    that dropping those on the host still leaves k.
     """
 
     offset: int
@@ -179,23 +181,31 @@ class DeviceBlock:
     host: Tuple  # numpy arrays kept alive for CPU OrtValues
     ids: Optional[np.ndarray] = None
     cols: Optional[np.ndarray] = None
-    id_mult: int = 0
-    label_order: Optional[Tuple[np.ndarray, np.ndarray]] = None  # host positives (lazy)
+    label_order: Optional[Tuple[np.ndarray, np.ndarray]] = None
+    id_order: Optional[np.ndarray] = None
 
 
-def _most_per_id(ids: np.ndarray) -> int:
-    """The largest number of entries sharing one value (0 for none)."""
-    if len(ids) < 2:
-        return len(ids)
-    if np.all(ids[1:] > ids[:-1]):   # the usual case: increasing ids, all distinct
-        return 1
-    return int(np.unique(ids, return_counts=True)[1].max())
+def most_shared(sorted_vals: np.ndarray, keys: np.ndarray) -> int:
+    """The most entries of ``sorted_vals`` equal to any one of ``keys`` (0 for none)."""
+    if not len(keys) or not len(sorted_vals):
+        return 0
+    lo = np.searchsorted(sorted_vals, keys, side="left")
+    return int((np.searchsorted(sorted_vals, keys, side="right") - lo).max())
 
 
-def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarray,
+def id_sort(mb: DeviceBlock) -> np.ndarray:
+    """A bank block's ids, sorted (computed once per block; padding excluded)."""
+    if mb.id_order is None:
+        ids = mb.ids[mb.cols >= 0]
+        mb.id_order = ids if np.all(ids[1:] > ids[:-1]) else np.sort(ids)
+    return mb.id_order
+
+
+def prepare_block(runner: Optional[BlockRunner], side: str, blk: RowBlock, valid: np.ndarray,
                   offset: int, size: int, metric: str, dtype, same_id: bool) -> DeviceBlock:
     """Put a block on the device as graph inputs: a query block padded to ``size`` rows,
-    a bank block as its usable rows only (``size`` does not apply; see DeviceBlock)."""
+    a bank block as its usable rows only (``size`` does not apply; see DeviceBlock).
+    ``runner=None``: host arrays only (a pass that runs no graph)."""
     n = len(blk.labels)
     if side == "q":
         emb, labels = clean_block(blk, valid, metric)
@@ -207,7 +217,7 @@ def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarr
         if same_id:
             ids = np.full(size, SENTINEL, dtype=np.int64)
             ids[:n] = blk.ids
-        feeds = {"q": runner.put(e), "q_label": runner.put(lab)}
+        feeds = {} if runner is None else {"q": runner.put(e), "q_label": runner.put(lab)}
         return DeviceBlock(offset, n, size, feeds, (e, lab), ids=ids)
     keep = np.flatnonzero(valid)
     ncol = len(keep)
@@ -225,13 +235,12 @@ def prepare_block(runner: BlockRunner, side: str, blk: RowBlock, valid: np.ndarr
     lab[:ncol] = blk.labels[keep]
     cols = np.full(cols_n, -1, dtype=np.int64)
     cols[:ncol] = offset + keep
-    ids, mult = None, 0
+    ids = None
     if same_id:
         ids = np.full(cols_n, SENTINEL, dtype=np.int64)
         ids[:ncol] = blk.ids[keep]
-        mult = _most_per_id(ids[:ncol])
-    feeds = {"m": runner.put(e), "m_label": runner.put(lab)}
-    return DeviceBlock(offset, n, cols_n, feeds, (e, lab), ids=ids, cols=cols, id_mult=mult)
+    feeds = {} if runner is None else {"m": runner.put(e), "m_label": runner.put(lab)}
+    return DeviceBlock(offset, n, cols_n, feeds, (e, lab), ids=ids, cols=cols)
 
 
 def label_sort(mb: DeviceBlock) -> Tuple[np.ndarray, np.ndarray]:
@@ -332,6 +341,12 @@ def _order_key(score: np.ndarray, largest: bool) -> np.ndarray:
     return ~key if largest else key
 
 
+# Same-label pairs held at once by host_positive_candidates (about 70 bytes each): query
+# rows are taken in groups that stay under it (a single query can exceed it alone, up
+# to one bank block's columns).
+_PAIR_BUDGET = 1 << 21
+
+
 def host_positive_candidates(qb: DeviceBlock, mb: DeviceBlock, n: int, qvalid: np.ndarray,
                              metric: str, k: int, largest: bool):
     """Each query's ``k`` best same-label columns of a bank block, scored on the host.
@@ -339,37 +354,53 @@ def host_positive_candidates(qb: DeviceBlock, mb: DeviceBlock, n: int, qvalid: n
     The positives of a query are the bank rows with its label: when there are few per
     query, scoring just those pairs costs far less than the masked passes over the whole
     score block that the graph needs to find them. Scores are computed in float32 from
-    the blocks' own compute-dtype rows and rounded to that dtype once, as the graph's
-    MatMul output is. Returns (closeness float32[n, k], bank row int64[n, k]) with empty
-    slots as +inf (-inf when ``largest``); same-id columns are never candidates.
+    the blocks' own compute-dtype rows and rounded to that dtype once. In float32 that
+    is the graph's score up to the order of the sum; in float16 it can be one float16
+    step away from the graph's (which rounds the MatMul's output, and for L2 each
+    intermediate, separately). Returns (closeness float32[n, k], bank row int64[n, k])
+    with empty slots as +inf (-inf when ``largest``); same-id columns are never
+    candidates.
     """
     fill = -np.inf if largest else np.inf
     c_out = np.full((n, k), fill, dtype=F32)
     r_out = np.full((n, k), -1, dtype=np.int64)
-    order = label_sort(mb)[0]
     lo, cnt = same_label_counts(mb, qb.host[1][:n])
     cnt = np.where(qvalid, cnt, 0)
+    cs = np.cumsum(cnt)
+    a = 0
+    while a < n:
+        done = int(cs[a - 1]) if a else 0
+        b = max(a + 1, int(np.searchsorted(cs, done + _PAIR_BUDGET, side="right")))
+        b = min(b, n)
+        if cs[b - 1] > done:
+            _host_positive_rows(qb, mb, a, b, lo, cnt, metric, k, largest, c_out, r_out)
+        a = b
+    return c_out, r_out
+
+
+def _host_positive_rows(qb, mb, a, b, lo, cnt, metric, k, largest, c_out, r_out):
+    """host_positive_candidates for query rows a..b (into c_out / r_out)."""
+    order = label_sort(mb)[0]
+    cnt = cnt[a:b]
     total = int(cnt.sum())
-    if total == 0:
-        return c_out, r_out
-    qi = np.repeat(np.arange(n), cnt)
+    qi = a + np.repeat(np.arange(b - a), cnt)
     within = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    ci = order[np.repeat(lo, cnt) + within]
+    ci = order[np.repeat(lo[a:b], cnt) + within]
     if mb.ids is not None and qb.ids is not None:
         keep = mb.ids[ci] != qb.ids[qi]
         qi, ci = qi[keep], ci[keep]
         total = len(qi)
         if total == 0:
-            return c_out, r_out
+            return
     qe, me = qb.host[0], mb.host[0]
     score = np.empty(total, dtype=F32)
     for s in range(0, total, _PAIR_CHUNK):
         e = min(total, s + _PAIR_CHUNK)
-        a = qe[qi[s:e]].astype(F32, copy=False)
-        b = me[ci[s:e]].astype(F32, copy=False)
-        v = np.einsum("ij,ij->i", a, b)
+        x = qe[qi[s:e]].astype(F32, copy=False)
+        y = me[ci[s:e]].astype(F32, copy=False)
+        v = np.einsum("ij,ij->i", x, y)
         if metric == "l2":
-            v = -np.sqrt(np.maximum(np.einsum("ij,ij->i", a, a) + np.einsum("ij,ij->i", b, b)
+            v = -np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x) + np.einsum("ij,ij->i", y, y)
                                     - F32(2) * v, F32(0)))
         score[s:e] = v.astype(qe.dtype).astype(F32, copy=False)
     rows = mb.cols[ci]
@@ -385,14 +416,13 @@ def host_positive_candidates(qb: DeviceBlock, mb: DeviceBlock, n: int, qvalid: n
         first = hit[np.r_[True, group[hit[1:]] != group[hit[:-1]]]]   # lowest row per query
         c_out[owner, 0] = score[first]
         r_out[owner, 0] = rows[first]
-        return c_out, r_out
+        return
     key = (qi.astype(np.uint64) << np.uint64(32)) | _order_key(score, largest).astype(np.uint64)
     o = np.argsort(key, kind="stable")
     rank = np.arange(total) - np.repeat(starts, np.diff(np.r_[starts, total]))
     sel = rank < k
     c_out[qi[sel], rank[sel]] = score[o][sel]
     r_out[qi[sel], rank[sel]] = rows[o][sel]
-    return c_out, r_out
 
 
 def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
@@ -481,27 +511,30 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
                 if on_bank_block is not None:
                     on_bank_block(mb.rows)
                 continue
-            # each TopK asks for k plus the most columns one id has (dropped on the host
-            # if they are the query's); a block narrower than that returns all its
-            # columns, and so does one with a padding column, which must never displace
-            # a real one
+            # a block with a padding column returns all its columns (the padding must
+            # never displace a real one), as does any block narrower than a TopK's k
             padded = mb.cols[-1] < 0
-
-            def k_eff(k, _mb=mb, _padded=padded):
-                return _mb.size if _padded else min(k + _mb.id_mult, _mb.size)
-
-            kf = {}
-            if runner is not None:
-                kf = {"k_neg": kval(k_eff(k_neg)), "k_pos": kval(k_eff(k_pos)),
-                      "k_epos": kval(k_eff(1))}
             for j, qb in enumerate(qblocks):
                 out = {}
                 if runner is not None:
-                    feeds = {**qb.feeds, **mb.feeds, **kf}
-                    if unmasked and not padded:
-                        qlab = qb.host[1][:qb.rows]
-                        cnt = same_label_counts(mb, qlab)[1][qlab != SENTINEL]
-                        feeds["k_neg"] = kval(k_eff(k_neg + int(cnt.max(initial=0))))
+                    # each TopK asks for k plus as many columns as one of the block's
+                    # query ids (and, for an unmasked graph, labels) has here: the host
+                    # drops those, and k are left
+                    qv = qb.host[1][:qb.rows] != SENTINEL
+                    extra_id = 0
+                    if mb.ids is not None and qb.ids is not None:
+                        extra_id = most_shared(id_sort(mb), qb.ids[:qb.rows][qv])
+                    extra_lab = 0
+                    if unmasked:
+                        extra_lab = most_shared(label_sort(mb)[1], qb.host[1][:qb.rows][qv])
+
+                    def k_eff(k, _size=mb.size):
+                        return _size if padded else min(k, _size)
+
+                    feeds = {**qb.feeds, **mb.feeds,
+                             "k_neg": kval(k_eff(k_neg + extra_id + extra_lab)),
+                             "k_pos": kval(k_eff(k_pos + extra_id)),
+                             "k_epos": kval(k_eff(1 + extra_id))}
                     if band_feeds:
                         feeds.update(band_feeds[j][0])
                     out = runner.run(feeds)

@@ -1,7 +1,7 @@
 """The fixed-shape block graph: one query block against one bank block.
 
 The graph is written in torch and exported with ``torch.onnx.export(dynamo=True)``,
-then its top-k sizes are lifted to int64 inputs (``k_neg``, ``k_pos``) so that one
+then its top-k sizes are lifted to int64 inputs (``k_neg``, ``k_pos``, ``k_epos``) so that one
 file serves every k. All batch axes are dynamic; the data path is MatMul / Equal /
 comparisons / Where / TopK only: no node computes a shape, so on ONNX Runtime's CUDA
 EP every node can sit on the GPU.
@@ -23,23 +23,28 @@ Inputs (``B_q`` query rows, ``B_m`` bank rows, ``d`` width; ``T`` = float32 or f
 Outputs (closeness: larger = closer; -inf / +inf mark empty slots):
 
 - ``neg_c`` T[B_q, k_neg], ``neg_i`` int64[B_q, k_neg]: the most similar
-  different-label columns inside the band, closest first, ties by lower column
+  different-label columns (any label in an unmasked graph) inside the band, closest
+  first, ties by lower column
 - ``hpos_c`` T[B_q, k_pos], ``hpos_i``: the least similar same-label columns, least
   close first (+inf = none)
 - ``epos_c`` T[B_q, k_epos], ``epos_i``: the most similar same-label columns
   (``easy`` graphs)
 
-``unmasked`` negatives graphs (``label_mask=False``) do not compare labels either: the
-engine asks their TopK for as many more candidates as the query's label has columns in
-the bank block and drops those on the host, which leaves the graph a MatMul and a TopK
-when classes are small. Everything that is not a label comparison stays on the host, where it costs nothing per
-score (graph version 4; version 3 spent five of its eleven full-block passes on it):
+Graph version 4 compares nothing but labels; the rest is done on the host, where it
+costs nothing per score (version 3 spent five of its eleven full-block passes on it):
 
 - excluded bank rows (NaN/inf, missing label) are left out of the bank block, not
-  masked, and a short block is a smaller ``B_m``, not padding;
-- same-id exclusion: the engine asks each TopK for as many extra candidates as one id
-  has columns in the block and drops the query's own id from what comes back, which
-  leaves exactly the top k of the id-masked block.
+  masked, and a short block is a smaller ``B_m``, not padding (except one padding
+  column for a block with a single usable row, which the host drops);
+- same-id exclusion: per block pair, each TopK asks for as many extra candidates as one
+  of the query block's ids has columns in the bank block, and the host drops the
+  query's own id from what comes back, which leaves exactly the top k of the id-masked
+  block.
+
+``unmasked`` negatives graphs (``label_mask=False``) do not compare labels either: the
+engine asks their TopK for as many more candidates as a query label has columns in the
+bank block and drops those on the host, which leaves the graph a MatMul and a TopK when
+classes are small.
 """
 from __future__ import annotations
 

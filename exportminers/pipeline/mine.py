@@ -160,9 +160,11 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             over every score block), ``"host"`` (only the same-label pairs, scored on the
             host beside the device's work) or ``"auto"`` (the default: the host when the
             same-label pairs are a small share of the score matrix, see
-            :data:`HOST_POSITIVE_SHARE`). Same results either way, up to the rounding of
-            a positive's score (float32 sums in another order). The Ray engine always
-            uses the graph.
+            :data:`HOST_POSITIVE_SHARE`). In float32 the results are the same either
+            way (a positive's score may differ in its last bit: the sum runs in another
+            order); in float16 a positive's score can be one float16 step away from the
+            graph's, which can change a few positives or band-filtered negatives. The
+            Ray engine always uses the graph.
 
     Returns:
         :class:`MineResult` with the output paths and the summary dict.
@@ -245,6 +247,9 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     shard_dir = out_dir / SHARD_DIR
     state = run_state(cfg, dtype, inp)
     state["shard_size"] = shard_size
+    # a resumed run must find positives (and apply the label mask) the same way: in
+    # float16 the two ways can round a score one step apart
+    state["labels_on_host"] = [bool(host_pos), bool(unmasked)]
     prepare_out_dir(out_dir, state, overwrite, shard_dir)
     shard_paths = [shard_dir / f"part-{i:05d}.parquet" for i in range(n_shards)]
     for p in shard_dir.glob("*.tmp"):
@@ -259,13 +264,16 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     cache_bank = bank_bytes <= cache_gb * 2 ** 30 and (len(todo) * passes > 1)
     bank_cache: List[DeviceBlock] = []
 
-    def bank_blocks() -> Iterator[DeviceBlock]:
+    def bank_blocks(upload: bool = True) -> Iterator[DeviceBlock]:
+        """The bank's blocks; ``upload=False``: host arrays only (a pass that runs no
+        graph), unless they are being cached for the next pass."""
         if bank_cache:
             yield from bank_cache
             return
         for s in range(0, bsrc.n, bm_eff):
             e = min(bsrc.n, s + bm_eff)
-            db = prepare_block(runners[0], "m", inp.keyed(bsrc.read(s, e), s), bscan.valid[s:e],
+            db = prepare_block(runners[0] if upload or cache_bank else None, "m",
+                               inp.keyed(bsrc.read(s, e), s), bscan.valid[s:e],
                                s, bm_eff, cfg.metric, np_dtype, same_id)
             if cache_bank:
                 bank_cache.append(db)
@@ -291,8 +299,9 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
         tick = lambda n_bank_rows, _n=nrows: prog.update(_n * n_bank_rows)
         hp = pos_kind if host_pos else None
         if cfg.needs_positive:
-            r1 = run_pass(None if host_pos else runners[0], qblocks, bank_blocks(), nrows, kc,
-                          k_pos, np_dtype, on_bank_block=tick, host_pos=hp)
+            r1 = run_pass(None if host_pos else runners[0], qblocks,
+                          bank_blocks(upload=not host_pos), nrows, kc, k_pos, np_dtype,
+                          on_bank_block=tick, host_pos=hp)
             ref = r1.epos if cfg.positive_ref == "easiest" else r1.hpos
             pos_c = ref.c[:, 0].copy()
             pos_c[~np.isfinite(pos_c)] = np.nan
