@@ -120,14 +120,17 @@ def _assert_same(local, remote, n):
     assert not (remote.out_dir / PARTS_DIR).exists()
 
 
+@pytest.mark.parametrize("positives", ["graph", "host"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_sharded_bank_equals_local_engine(ray_local, tmp_path, name):
+def test_sharded_bank_equals_local_engine(ray_local, tmp_path, name, positives):
     make, cfg, shards, actors = CASES[name]
     data = make()
-    local = _mine(data, tmp_path / "local", **cfg)
+    local = _mine(data, tmp_path / "local", positives=positives, **cfg)
     remote = _mine(data, tmp_path / "ray", engine="ray", bank_shards=shards, num_actors=actors,
-                   **cfg)
+                   positives=positives, **cfg)
     eng = remote.summary["engine"]
+    assert eng["positives"] == local.summary["engine"]["positives"] == positives
+    assert eng["label_mask"] == local.summary["engine"]["label_mask"]
     assert eng["bank_shards"] == shards and sum(eng["actors_per_shard"]) == actors
     assert len(eng["bank_shard_rows"]) == shards and eng["batches"] > 1
     assert eng["duplicate_rows_dropped"] == 0

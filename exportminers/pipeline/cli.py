@@ -100,8 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--positives", choices=["auto", "graph", "host"], default="auto",
                    help="where positives are found: graph (masked passes over every score "
                         "block), host (only same-label pairs, scored beside the device's "
-                        "work), auto: host when classes are small (default: %(default)s; the "
-                        "Ray engine always uses the graph)")
+                        "work), auto: host when classes are small (default: %(default)s)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = p.add_argument_group("Ray engine (--engine ray; needs pip install 'exportminers[ray]')")

@@ -163,8 +163,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             :data:`HOST_POSITIVE_SHARE`). In float32 the results are the same either
             way (a positive's score may differ in its last bit: the sum runs in another
             order); in float16 a positive's score can be one float16 step away from the
-            graph's, which can change a few positives or band-filtered negatives. The
-            Ray engine always uses the graph.
+            graph's, which can change a few positives or band-filtered negatives.
 
     Returns:
         :class:`MineResult` with the output paths and the summary dict.
@@ -187,9 +186,6 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     if positives not in ("auto", "graph", "host"):
         raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
     if engine == "ray":
-        if positives == "host":
-            raise ValueError("positives='host' applies to engine='local' only (the Ray "
-                             "engine finds positives in the block graph)")
         from .ray_engine import mine_ray  # imports ray; the local engine never does
 
         return mine_ray(
@@ -200,7 +196,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             embedding_column=embedding_column, label_column=label_column,
             id_column=id_column, ray_address=ray_address, num_actors=num_actors,
             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor,
-            bank_shards=bank_shards, max_retries=max_retries, _t_start=t_start)
+            bank_shards=bank_shards, max_retries=max_retries, positives=positives,
+            _t_start=t_start)
     ray_only = dict(ray_address=(ray_address, None), num_actors=(num_actors, None),
                     num_gpus_per_actor=(num_gpus_per_actor, 0),
                     num_cpus_per_actor=(num_cpus_per_actor, None),

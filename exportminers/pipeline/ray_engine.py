@@ -73,6 +73,7 @@ from .engine import (IDX_MAX, BlockRunner, check_block_sizes, prepare_block,
 from .graphs import GraphSpec
 from .mine import (MineResult, _parse_block, check_engine_numbers, check_formats,
                    check_out_dir, check_out_vs_inputs, finish_outputs, fit_dtype, graph_specs,
+                   negatives_unmasked, positives_on_host,
                    open_inputs,
                    prepare_out_dir, resolve_dtype, run_state)
 from .sources import RowBlock, Source, open_source
@@ -197,18 +198,21 @@ def _inject_fault(fault: Optional[str], rows: np.ndarray, modes: Sequence[str]) 
 
 class _ShardWorker:
     """Actor: one ONNX Runtime session and one bank shard (prepared once); merges the
-    shard's candidates into every batch's running lists."""
+    shard's candidates into every batch's running lists. ``graph=None``: no session (a
+    positives pass scored on the host, ``host_pos``)."""
 
-    def __init__(self, *, graph: dict, shard: list, offset: int, block_q: int, block_m: int,
-                 metric: str, dtype: str, same_id: bool, kc: int, k_pos: int, device: str,
-                 threads: Optional[int], fault: Optional[str] = None, id_key: str = "ids"):
+    def __init__(self, *, graph: Optional[dict], shard: list, offset: int, block_q: int,
+                 block_m: int, metric: str, dtype: str, same_id: bool, kc: int, k_pos: int,
+                 device: str, threads: Optional[int], fault: Optional[str] = None,
+                 id_key: str = "ids", host_pos: Optional[tuple] = None):
         import ray
 
         from .engine import resolve_device
 
-        self.spec = GraphSpec(**graph)
+        self.spec = GraphSpec(**graph) if graph is not None else None
         self.device = resolve_device(device)
-        self.runner = BlockRunner(self.spec, self.device, threads)
+        self.runner = BlockRunner(self.spec, self.device, threads) if self.spec else None
+        self.host_pos = tuple(host_pos) if host_pos is not None else None
         self.dtype = np.dtype(dtype)
         self.metric, self.same_id = metric, same_id
         self.block_q, self.kc, self.k_pos = block_q, kc, k_pos
@@ -241,9 +245,9 @@ class _ShardWorker:
                            qkey[b0:b1])
             qblocks.append(prepare_block(self.runner, "q", blk, valid[b0:b1], b0, self.block_q,
                                          self.metric, self.dtype, self.same_id))
-        band = (batch["band_lo"], batch["band_hi"]) if self.spec.band else None
+        band = (batch["band_lo"], batch["band_hi"]) if self.spec and self.spec.band else None
         res = run_pass(self.runner, qblocks, self.blocks, n, self.kc, self.k_pos, self.dtype,
-                       band=band)
+                       band=band, host_pos=self.host_pos)
         out = dict(batch)
         for kind, st in (("neg", res.neg), ("hpos", res.hpos), ("epos", res.epos)):
             if st is None:
@@ -622,8 +626,8 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
              label_column: str = "label", id_column: Optional[str] = None,
              ray_address: Optional[str] = None, num_actors: Optional[int] = None,
              num_gpus_per_actor: float = 0, num_cpus_per_actor: Optional[float] = None,
-             bank_shards: int = 1, max_retries: int = 3, _t_start: Optional[float] = None,
-             **config_kwargs) -> MineResult:
+             bank_shards: int = 1, max_retries: int = 3, positives: str = "auto",
+             _t_start: Optional[float] = None, **config_kwargs) -> MineResult:
     """:func:`exportminers.pipeline.mine` on a Ray cluster (``mine(..., engine="ray")``
     calls this). Same inputs, configuration and outputs; the results equal the local
     engine's. Resumable: a rerun with the same configuration and inputs mines only the
@@ -701,8 +705,12 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         batch_size = min(16 * bq_eff, per_actor)
     batch_size = _check_positive_int("batch_size (shard_size)", batch_size)
     batch_rows = -(-batch_size // bq_eff) * bq_eff
-    specs, _ = graph_specs(cfg, dtype)   # positives in the graph
-    easy = specs[0].easy
+    if positives not in ("auto", "graph", "host"):
+        raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
+    host_pos = positives_on_host(positives, inp, actor_device)
+    unmasked = host_pos and negatives_unmasked(inp, actor_device)
+    specs, pos_kind = graph_specs(cfg, dtype, host_pos, unmasked)
+    easy = pos_kind[1]
     schema = _expected_schema(cfg, easy, kc, k_pos)
 
     # ---- output folder: the parts of an earlier run with the same state are kept (resume)
@@ -710,6 +718,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     parts_dir = out_dir / PARTS_DIR
     state = run_state(cfg, dtype, inp)
     state["engine"] = "ray"
+    state["labels_on_host"] = [bool(host_pos), bool(unmasked)]
     prepare_out_dir(out_dir, state, overwrite, parts_dir)
     todo = np.flatnonzero(~reusable_parts(parts_dir, qsrc.n, schema))
     ranges = query_ranges(todo, batch_rows)
@@ -749,7 +758,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
             actor_remote = dict(max_restarts=max_retries, max_task_retries=max_retries)
             task_remote = dict(max_retries=max_retries)
 
-            def pipeline(spec: GraphSpec, kinds, positives=None):
+            def pipeline(spec: Optional[GraphSpec], kinds, positives=None):
                 items = [{"start": a, "stop": b} for a, b in ranges]
                 nb = ("override_num_blocks" if "override_num_blocks" in
                       inspect.signature(ray.data.from_items).parameters else "parallelism")
@@ -758,8 +767,10 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
                     ds, _read_queries, task_remote, batch_size=1, batch_format="numpy",
                     fn_kwargs=dict(spec=qspec, cfg=cfg.to_json(), kinds=kinds, kc=kc,
                                    k_pos=k_pos, positives=positives), num_cpus=TASK_CPUS)
-                graph = dict(kind=spec.kind, metric=spec.metric, band=spec.band,
-                             easy=spec.easy, dtype=spec.dtype)
+                graph = None if spec is None else dict(
+                    kind=spec.kind, metric=spec.metric, band=spec.band, easy=spec.easy,
+                    dtype=spec.dtype, label_mask=spec.label_mask)
+                hp = pos_kind if host_pos and "hpos" in kinds else None
                 for s, (s0, _) in enumerate(shard_rows):
                     # an explicit batch size: Ray Data requires one for GPU actors (and
                     # the actors handle any size; rows are keyed by query_index)
@@ -767,7 +778,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
                         ds, _ShardWorker, actor_remote, batch_size=batch_rows,
                         batch_format="numpy",
                         fn_constructor_kwargs=dict(graph=graph, shard=[shard_refs[s]],
-                                                   offset=s0, **worker_kw),
+                                                   offset=s0, host_pos=hp, **worker_kw),
                         compute=ray.data.ActorPoolStrategy(size=replicas[s]), **actor_res)
                 return ds
 
@@ -775,9 +786,9 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
             with _data_context(progress, max_retries):
                 if cfg.needs_positive:  # pass 1: positives over every shard
                     pkinds = ["hpos"] + (["epos"] if easy else [])
-                    got = _gather_positives(pipeline(specs[0], pkinds), todo, qsrc.n, k_pos,
-                                            pkinds)
-                    ds = pipeline(specs[1], ["neg"], [ray.put(got)])
+                    got = _gather_positives(pipeline(None if host_pos else specs[0], pkinds),
+                                            todo, qsrc.n, k_pos, pkinds)
+                    ds = pipeline(specs[-1], ["neg"], [ray.put(got)])
                     del got
                 else:
                     ds = pipeline(specs[0], ["neg", "hpos"] + (["epos"] if easy else []))
@@ -795,7 +806,9 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     shutil.rmtree(parts_dir, ignore_errors=True)
     engine_info = {
         "name": "ray", "device": actor_device, "dtype": dtype, "block_q": bq_eff,
-        "block_m": bm_eff, "graphs": [s.filename for s in specs], "passes": len(specs),
+        "block_m": bm_eff, "graphs": [s.filename for s in specs],
+        "passes": 2 if cfg.needs_positive else 1, "positives": "host" if host_pos else "graph",
+        "label_mask": "host" if unmasked else "graph",
         "bank_shards": bank_shards, "bank_shard_rows": [b - a for a, b in shard_rows],
         "num_actors": num_actors, "actors_per_shard": replicas,
         "num_gpus_per_actor": num_gpus_per_actor, "num_cpus_per_actor": num_cpus_per_actor,
