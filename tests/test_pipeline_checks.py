@@ -76,16 +76,16 @@ def test_default_float16_falls_back_to_float32_and_explicit_float16_refuses():
 def test_an_overflowed_score_from_a_block_is_never_merged():
     st = TopKState(2, 3, largest=True)
     st.update(0, 2, np.array([[1.0, -np.inf], [0.5, 0.2]], np.float32),
-              np.array([[0, 1], [1, 0]]), 0)  # -inf = empty slot: fine
+              np.array([[0, 1], [1, 0]]))  # -inf = empty slot: fine
     with pytest.raises(ScoreOverflowError, match="float32"):
         st.update(0, 2, np.array([[np.inf, 1.0], [0.5, 0.2]], np.float32),
-                  np.array([[0, 1], [1, 0]]), 0)
+                  np.array([[0, 1], [1, 0]]))
     with pytest.raises(ScoreOverflowError):
         TopKState(1, 2, largest=False).update(0, 1, np.array([[-np.inf, 1]], np.float32),
-                                              np.array([[0, 1]]), 0)
+                                              np.array([[0, 1]]))
     # an excluded query (valid=False) may see anything: it is never reported
     TopKState(1, 2, largest=False).update(0, 1, np.array([[-np.inf, 1]], np.float32),
-                                          np.array([[0, 1]]), 0, valid=np.array([False]))
+                                          np.array([[0, 1]]), valid=np.array([False]))
 
 
 def test_cosine_of_huge_rows_is_exact(tmp_path):

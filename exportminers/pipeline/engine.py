@@ -185,12 +185,15 @@ class DeviceBlock:
     id_order: Optional[np.ndarray] = None
 
 
+def runs(sorted_vals: np.ndarray, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """For each key: where its run starts in ``sorted_vals`` and how long it is."""
+    lo = np.searchsorted(sorted_vals, keys, side="left")
+    return lo, np.searchsorted(sorted_vals, keys, side="right") - lo
+
+
 def most_shared(sorted_vals: np.ndarray, keys: np.ndarray) -> int:
     """The most entries of ``sorted_vals`` equal to any one of ``keys`` (0 for none)."""
-    if not len(keys) or not len(sorted_vals):
-        return 0
-    lo = np.searchsorted(sorted_vals, keys, side="left")
-    return int((np.searchsorted(sorted_vals, keys, side="right") - lo).max())
+    return int(runs(sorted_vals, keys)[1].max(initial=0))
 
 
 def id_sort(mb: DeviceBlock) -> np.ndarray:
@@ -253,14 +256,6 @@ def label_sort(mb: DeviceBlock) -> Tuple[np.ndarray, np.ndarray]:
     return mb.label_order
 
 
-def same_label_counts(mb: DeviceBlock, qlab: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """For each query label: the first position of its run in the block's label sort and
-    how many columns carry it."""
-    sorted_lab = label_sort(mb)[1]
-    lo = np.searchsorted(sorted_lab, qlab, side="left")
-    return lo, np.searchsorted(sorted_lab, qlab, side="right") - lo
-
-
 def block_candidates(mb: DeviceBlock, qids: Optional[np.ndarray], c: np.ndarray,
                      i: np.ndarray, largest: bool, qlab: Optional[np.ndarray] = None):
     """A block's TopK output (closeness, column) as (closeness, bank row): padding
@@ -300,8 +295,8 @@ class TopKState:
         self.c = np.full((rows, k), fill, dtype=F32)
         self.i = np.full((rows, k), IDX_MAX, dtype=np.int64)
 
-    def update(self, r0: int, r1: int, c_new, i_new, offset: int,
-               valid: Optional[np.ndarray] = None):
+    def update(self, r0: int, r1: int, c_new, i_new, valid: Optional[np.ndarray] = None):
+        """Merge candidates (closeness, bank row) for rows r0..r1 of the shard."""
         c_new = c_new.astype(F32, copy=False)
         # empty slots are -inf (largest) / +inf (smallest); anything else that is not
         # finite, for a query that is mined (``valid``), is a score that overflowed the
@@ -315,7 +310,7 @@ class TopKState:
                 "embeddings are too large for it; use dtype='float32' (--dtype float32), or "
                 "scale down / normalise the embeddings")
         ok = np.isfinite(c_new)
-        i_new = np.where(ok, i_new + offset, IDX_MAX)
+        i_new = np.where(ok, i_new, IDX_MAX)
         c, i = merge_topk(self.c[r0:r1], self.i[r0:r1], c_new, i_new, self.k, self.largest)
         self.c[r0:r1], self.i[r0:r1] = c, i
 
@@ -364,7 +359,7 @@ def host_positive_candidates(qb: DeviceBlock, mb: DeviceBlock, n: int, qvalid: n
     fill = -np.inf if largest else np.inf
     c_out = np.full((n, k), fill, dtype=F32)
     r_out = np.full((n, k), -1, dtype=np.int64)
-    lo, cnt = same_label_counts(mb, qb.host[1][:n])
+    lo, cnt = runs(label_sort(mb)[1], qb.host[1][:n])
     cnt = np.where(qvalid, cnt, 0)
     cs = np.cumsum(cnt)
     a = 0
@@ -493,13 +488,13 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
             qlab = qb.host[1][:n] if unmasked and name == "neg" else None
             c, rows = block_candidates(mb, qids, out[name + "_c"][:n], out[name + "_i"][:n],
                                        largest, qlab)
-            st.update(r0, r1, c, rows, 0, qvalid)
+            st.update(r0, r1, c, rows, qvalid)
         if host_pos is not None:
             for st in (res.hpos, res.epos):
                 if st is not None:
                     c, rows = host_positive_candidates(qb, mb, n, qvalid, host_pos[0], st.k,
                                                        st.largest)
-                    st.update(r0, r1, c, rows, 0, qvalid)
+                    st.update(r0, r1, c, rows, qvalid)
 
     pool = pending = None
     if overlap:
@@ -514,23 +509,26 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
             # a block with a padding column returns all its columns (the padding must
             # never displace a real one), as does any block narrower than a TopK's k
             padded = mb.cols[-1] < 0
+
+            def k_eff(k, _size=mb.size, _padded=padded):
+                return _size if _padded else min(k, _size)
+
             for j, qb in enumerate(qblocks):
+                r0 = qb.offset - base
+                n = qb.rows
+                qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
+                qids = None if qb.ids is None else qb.ids[:n]
                 out = {}
                 if runner is not None:
                     # each TopK asks for k plus as many columns as one of the block's
                     # query ids (and, for an unmasked graph, labels) has here: the host
                     # drops those, and k are left
-                    qv = qb.host[1][:qb.rows] != SENTINEL
                     extra_id = 0
-                    if mb.ids is not None and qb.ids is not None:
-                        extra_id = most_shared(id_sort(mb), qb.ids[:qb.rows][qv])
+                    if mb.ids is not None and qids is not None:
+                        extra_id = most_shared(id_sort(mb), qids[qvalid])
                     extra_lab = 0
                     if unmasked:
-                        extra_lab = most_shared(label_sort(mb)[1], qb.host[1][:qb.rows][qv])
-
-                    def k_eff(k, _size=mb.size):
-                        return _size if padded else min(k, _size)
-
+                        extra_lab = most_shared(label_sort(mb)[1], qb.host[1][:n][qvalid])
                     feeds = {**qb.feeds, **mb.feeds,
                              "k_neg": kval(k_eff(k_neg + extra_id + extra_lab)),
                              "k_pos": kval(k_eff(k_pos + extra_id)),
@@ -538,10 +536,6 @@ def run_pass(runner: Optional[BlockRunner], qblocks: List[DeviceBlock],
                     if band_feeds:
                         feeds.update(band_feeds[j][0])
                     out = runner.run(feeds)
-                r0 = qb.offset - base
-                n = qb.rows
-                qvalid = qb.host[1][:n] != SENTINEL  # excluded queries carry the sentinel label
-                qids = None if qb.ids is None else qb.ids[:n]
                 if pool is None:
                     merge(out, qb, mb, r0, r0 + n, qvalid, qids)
                 else:
