@@ -10,14 +10,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import output as out_mod
 from .config import MineConfig, negative_band
 from .engine import (DEFAULT_BLOCKS, BlockRunner, DeviceBlock, check_block_sizes,
-                     prepare_block, resolve_device, run_pass, select_window)
+                     prepare_block, resolve_device, run_pass, runs, select_window)
 from .graphs import GraphSpec
 from .progress import Progress
 from .sources import SENTINEL, RowBlock, Source, arg_name, open_source
@@ -183,8 +183,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
             seed=seed, num_positives=num_positives, easiest_positive=easiest_positive,
             positive_ref=positive_ref, exclude_same_id=exclude_same_id)
     cfg = config
-    if positives not in ("auto", "graph", "host"):
-        raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
+    check_positives(positives)
     if engine == "ray":
         from .ray_engine import mine_ray  # imports ray; the local engine never does
 
@@ -233,9 +232,8 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     shard_size = -(-int(shard_size) // bq_eff) * bq_eff
     n_shards = -(-qsrc.n // shard_size)
 
-    host_pos = positives_on_host(positives, inp, device)
-    unmasked = host_pos and negatives_unmasked(inp, device)
-    specs, pos_kind = graph_specs(cfg, dtype, host_pos, unmasked)
+    plan = plan_labels(positives, cfg, dtype, inp, device)
+    host_pos, specs, pos_kind = plan.host_pos, plan.specs, plan.pos_kind
     runners = [BlockRunner(s, device, threads) for s in specs]
     passes = 2 if cfg.needs_positive else 1
 
@@ -246,7 +244,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     state["shard_size"] = shard_size
     # a resumed run must find positives (and apply the label mask) the same way: in
     # float16 the two ways can round a score one step apart
-    state["labels_on_host"] = [bool(host_pos), bool(unmasked)]
+    state["labels_on_host"] = plan.info()
     prepare_out_dir(out_dir, state, overwrite, shard_dir)
     shard_paths = [shard_dir / f"part-{i:05d}.parquet" for i in range(n_shards)]
     for p in shard_dir.glob("*.tmp"):
@@ -336,8 +334,7 @@ def mine(queries, labels=None, ids=None, *, bank=None, bank_labels=None, bank_id
     out_mod.concat_shards(shard_paths, mined)
     engine_info = {"device": device, "dtype": dtype, "block_q": bq_eff, "block_m": bm_eff,
                    "graphs": [s.filename for s in specs],
-                   "positives": "host" if host_pos else "graph",
-                   "label_mask": "host" if unmasked else "graph", "shards": n_shards,
+                   **plan.info(), "shards": n_shards,
                    "shards_run_now": len(todo), "shard_size": shard_size,
                    "bank_cached_on_device": bool(cache_bank)}
     qps = round(todo_rows / mine_seconds, 1) if todo and mine_seconds > 0 else None
@@ -630,14 +627,14 @@ def graph_specs(cfg: MineConfig, dtype: str, host_pos: bool = False, unmasked: b
 HOST_POSITIVE_SHARE = {"cpu": 1 / 64, "cuda": 1 / 8192}
 
 
+def _bank_rows_per_label(qlabels: np.ndarray, bscan: "Scan") -> np.ndarray:
+    """For each of ``qlabels``: how many usable bank rows carry it."""
+    return runs(np.sort(bscan.labels[bscan.valid]), qlabels)[1]
+
+
 def same_label_pairs(qscan: "Scan", bscan: "Scan") -> int:
     """How many (usable query, usable bank row) pairs share a label."""
-    bl, bcount = np.unique(bscan.labels[bscan.valid], return_counts=True)
-    ql = qscan.labels[qscan.valid]
-    if not len(bl) or not len(ql):
-        return 0
-    i = np.minimum(np.searchsorted(bl, ql), len(bl) - 1)
-    return int(bcount[i][bl[i] == ql].sum())
+    return int(_bank_rows_per_label(qscan.labels[qscan.valid], bscan).sum())
 
 
 # With positives on the host, the negatives graph also leaves the label mask to the host
@@ -651,17 +648,37 @@ UNMASKED_MAX_K = {"cpu": 40, "cuda": 128}
 
 def largest_query_class(qscan: "Scan", bscan: "Scan") -> int:
     """The most usable bank rows that carry one usable query's label."""
-    bl, bcount = np.unique(bscan.labels[bscan.valid], return_counts=True)
-    ql = np.unique(qscan.labels[qscan.valid])
-    if not len(bl) or not len(ql):
-        return 0
-    i = np.minimum(np.searchsorted(bl, ql), len(bl) - 1)
-    hit = bl[i] == ql
-    return int(bcount[i][hit].max()) if hit.any() else 0
+    return int(_bank_rows_per_label(np.unique(qscan.labels[qscan.valid]), bscan).max(initial=0))
 
 
 def negatives_unmasked(inp: "Inputs", device: str) -> bool:
     return inp.kc + largest_query_class(inp.qscan, inp.bscan) <= UNMASKED_MAX_K[device]
+
+
+def check_positives(positives) -> None:
+    if positives not in ("auto", "graph", "host"):
+        raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
+
+
+class LabelPlan(NamedTuple):
+    """Where a run handles labels, and the block graphs that follows from it."""
+    host_pos: bool          # positives scored on the host from same-label pairs
+    unmasked: bool          # the negatives' label mask applied on the host too
+    specs: List[GraphSpec]
+    pos_kind: Tuple[str, bool]   # (metric kind, easiest positive too)
+
+    def info(self) -> dict:   # for the summary's engine section
+        return {"positives": "host" if self.host_pos else "graph",
+                "label_mask": "host" if self.unmasked else "graph"}
+
+
+def plan_labels(positives: str, cfg: MineConfig, dtype: str, inp: "Inputs",
+                device: str) -> LabelPlan:
+    """``positives`` ('auto' | 'graph' | 'host') resolved for these inputs and device."""
+    check_positives(positives)
+    host_pos = positives_on_host(positives, inp, device)
+    unmasked = host_pos and negatives_unmasked(inp, device)
+    return LabelPlan(host_pos, unmasked, *graph_specs(cfg, dtype, host_pos, unmasked))
 
 
 def positives_on_host(positives: str, inp: "Inputs", device: str) -> bool:

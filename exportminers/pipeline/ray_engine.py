@@ -72,9 +72,8 @@ from .engine import (IDX_MAX, BlockRunner, check_block_sizes, prepare_block,
                      run_pass, select_window)
 from .graphs import GraphSpec
 from .mine import (MineResult, _parse_block, check_engine_numbers, check_formats,
-                   check_out_dir, check_out_vs_inputs, finish_outputs, fit_dtype, graph_specs,
-                   negatives_unmasked, positives_on_host,
-                   open_inputs,
+                   check_out_dir, check_out_vs_inputs, finish_outputs, fit_dtype,
+                   open_inputs, plan_labels,
                    prepare_out_dir, resolve_dtype, run_state)
 from .sources import RowBlock, Source, open_source
 
@@ -705,11 +704,8 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
         batch_size = min(16 * bq_eff, per_actor)
     batch_size = _check_positive_int("batch_size (shard_size)", batch_size)
     batch_rows = -(-batch_size // bq_eff) * bq_eff
-    if positives not in ("auto", "graph", "host"):
-        raise ValueError(f"positives must be 'auto', 'graph' or 'host', got {positives!r}")
-    host_pos = positives_on_host(positives, inp, actor_device)
-    unmasked = host_pos and negatives_unmasked(inp, actor_device)
-    specs, pos_kind = graph_specs(cfg, dtype, host_pos, unmasked)
+    plan = plan_labels(positives, cfg, dtype, inp, actor_device)
+    host_pos, specs, pos_kind = plan.host_pos, plan.specs, plan.pos_kind
     easy = pos_kind[1]
     schema = _expected_schema(cfg, easy, kc, k_pos)
 
@@ -718,7 +714,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     parts_dir = out_dir / PARTS_DIR
     state = run_state(cfg, dtype, inp)
     state["engine"] = "ray"
-    state["labels_on_host"] = [bool(host_pos), bool(unmasked)]
+    state["labels_on_host"] = plan.info()
     prepare_out_dir(out_dir, state, overwrite, parts_dir)
     todo = np.flatnonzero(~reusable_parts(parts_dir, qsrc.n, schema))
     ranges = query_ranges(todo, batch_rows)
@@ -807,8 +803,7 @@ def mine_ray(queries, labels=None, ids=None, *, bank=None, bank_labels=None, ban
     engine_info = {
         "name": "ray", "device": actor_device, "dtype": dtype, "block_q": bq_eff,
         "block_m": bm_eff, "graphs": [s.filename for s in specs],
-        "passes": 2 if cfg.needs_positive else 1, "positives": "host" if host_pos else "graph",
-        "label_mask": "host" if unmasked else "graph",
+        "passes": 2 if cfg.needs_positive else 1, **plan.info(),
         "bank_shards": bank_shards, "bank_shard_rows": [b - a for a, b in shard_rows],
         "num_actors": num_actors, "actors_per_shard": replicas,
         "num_gpus_per_actor": num_gpus_per_actor, "num_cpus_per_actor": num_cpus_per_actor,
