@@ -66,15 +66,18 @@ def run_ort(q, ql, m, ml, k, bq, bm, device, dtype, profile_prefix=None, positiv
     the same-label pairs scored on the host beside it)."""
     from types import SimpleNamespace
 
-    from exportminers.pipeline.mine import UNMASKED_MAX_K, largest_query_class
+    from exportminers.pipeline.mine import negatives_unmasked
 
     cfg = MineConfig(k=k, metric="dot", num_positives=1)
     host = positives == "host"
-    # as mine() decides: with host positives, the label mask goes to the host too when
-    # k + the largest class stays within UNMASKED_MAX_K
-    big = largest_query_class(SimpleNamespace(labels=ql, valid=np.ones(len(ql), bool)),
-                              SimpleNamespace(labels=ml, valid=np.ones(len(ml), bool)))
-    unmasked = host and k + big <= UNMASKED_MAX_K[device]
+
+    def scan(lab):
+        return SimpleNamespace(labels=lab, valid=np.ones(len(lab), bool))
+
+    # mine()'s rule: with host positives, the label mask goes to the host too when the
+    # classes are small enough
+    unmasked = host and negatives_unmasked(
+        SimpleNamespace(kc=cfg.num_candidates, qscan=scan(ql), bscan=scan(ml)), device)
     spec = GraphSpec("neg" if host else "both", "dot", band=False, easy=False, dtype=dtype,
                      label_mask=not unmasked)
     mem0 = gpu_memory_mib() if device == "cuda" else None
